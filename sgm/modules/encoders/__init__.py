@@ -1,0 +1,1 @@
+"""Conditioning embedders (only the T5 text encoder is used by CogVideoX)."""
