@@ -134,7 +134,6 @@ def detect_from_state_dict(state_dict: Mapping) -> Detected:
     layers = 1 + max((int(k.split(".")[2]) for k in keys if k.startswith("transformer.layers.")), default=-1)
     ofs = any(k.startswith("ofs_embed") for k in keys)
     lora = any("lora" in k for k in keys)
-    learnable = "mixins.pos_embed.pos_embedding" in keys
     if len(shape) == 4:  # Conv2d patch embedding: v1.0
         generation, in_ch = "1.0", shape[1]
     elif len(shape) == 2:
@@ -149,10 +148,11 @@ def detect_from_state_dict(state_dict: Mapping) -> Detected:
         raise UserError(f"unexpected patch embedding shape {list(shape)} (expected 2 or 4 dimensions)")
     out_ch = _out_channels(keys, hidden) or 16
     i2v = in_ch == 2 * out_ch
-    # The 2B model has a sincos table and no position_embeddings; RoPE models keep that (unused) table.
-    rotary = "transformer.position_embeddings.weight" in keys or learnable or generation == "1.5" or hidden == 3072
-    if hidden == 1920:
-        rotary = False
+    # The 2B model has a sincos table (``pos_embedding``, frozen) and no position_embeddings; RoPE models keep that
+    # (unused) table and, in v1.0, their RoPE buffers.  A ``pos_embedding`` is a learned table only in a RoPE model.
+    rotary = ("transformer.position_embeddings.weight" in keys or "mixins.pos_embed.freqs_sin" in keys
+              or generation == "1.5" or hidden == 3072) and hidden != 1920
+    learnable = rotary and "mixins.pos_embed.pos_embedding" in keys
     family = None
     for fam in FAMILIES.values():
         if (fam.generation, fam.hidden_size, fam.i2v) == (generation, hidden, i2v):
