@@ -29,6 +29,6 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "diffusers==0.42.1"],
+        "test": ["pytest", "diffusers==0.42.1", "peft"],
     },
 )

@@ -132,6 +132,9 @@ def build_parser(extra: Iterable[Callable] = ()) -> argparse.ArgumentParser:
     parser.set_defaults(distributed_backend=None)
     for add in extra:
         add(parser)
+    for action in parser._actions:  # SAT's help texts carry bare '%' signs, which break --help
+        if action.help and "%" in action.help and "%(" not in action.help:
+            action.help = action.help.replace("%", "%%")
     return parser
 
 

@@ -241,6 +241,12 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
     unexpected = [k for k in unexpected if k not in known_unused]
     mismatched = [k for k in model_shapes.keys() & ckpt_shapes.keys() if model_shapes[k] != ckpt_shapes[k]]
     if missing or unexpected or mismatched:
+        from sat_cogvideo.convert.lora import lora_mismatch_message
+
+        # A LoRA checkpoint for a model built without lora_config gets its own message.
+        lora_problem = None if lora_keys else lora_mismatch_message(model_shapes.keys(), sd.keys(), source)
+        if lora_problem:
+            raise UserError(lora_problem)
         problems = []
         if mismatched:
             k = sorted(mismatched)[0]

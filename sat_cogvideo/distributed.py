@@ -124,6 +124,9 @@ def init_distributed(device=None, backend: str | None = None, model_parallel_siz
             port = env.get("MASTER_PORT") or str(_free_port())
         else:
             port = env.get("MASTER_PORT", "29500")
+            if port == "0":
+                raise UserError("MASTER_PORT=0 cannot be shared by the ranks of a multi-process run: "
+                                "set MASTER_PORT to a free port (e.g. torchrun --master_port 29511)")
         init_method = f"tcp://{_master_addr(env)}:{port}"
         from datetime import timedelta
         dist.init_process_group(backend=backend, init_method=init_method, world_size=info.world_size,

@@ -5,7 +5,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 _deps_ok() {  # $1: python, $2: "test" to also require the test extras
   local mods="torch sat deepspeed omegaconf einops sentencepiece transformers imageio imageio_ffmpeg safetensors tqdm PIL"
-  [ "${2:-}" = test ] && mods="$mods pytest diffusers"
+  [ "${2:-}" = test ] && mods="$mods pytest diffusers peft"
   "$1" - $mods >/dev/null 2>&1 <<'PYEOF'
 import importlib, sys
 for m in sys.argv[1:]:

@@ -169,3 +169,11 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
         lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and expect in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_help_works(capsys):
+    with pytest.raises(SystemExit) as exc:
+        get_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--sampling-num-frames" in out and "--base" in out and "--train-iters" in out

@@ -1,0 +1,603 @@
+"""The rules of the cluster guide, in Python: from a SAT model folder and a few variables to a
+``sample_video`` command line.
+
+``scripts/slurm_inference.sh`` exports its variables (``MODEL_PATH``, ``FAMILY``, ``GENERATE_TYPE``,
+``NUM_FRAMES``, ``FPS``, ``DTYPE``, ``IMAGE_OR_VIDEO_PATH``, ...) and runs ``python -m sat_cogvideo.launch``,
+which, before anything is computed:
+
+1. finds the parts of the model folder: ``transformer/`` (with ``latest``), ``vae/3d-vae.pt`` and a T5 folder
+   (``t5-v1_1-xxl/``, ``t5/`` ...);
+2. recognises the model family from the transformer checkpoint's tensor shapes
+   (:func:`sat_cogvideo.families.detect_from_state_dict`; the file is memory-mapped, nothing is copied), or
+   takes it from ``FAMILY`` (which must then agree with the checkpoint);
+3. applies the guide's rules: unset ``NUM_FRAMES``/``FPS``/``DTYPE`` take the family's values (1.0: 49 frames,
+   8 fps; 1.5: 81 frames, 16 fps; 2B float16, 5B bfloat16), an I2V model forces i2v and needs an image, v2v
+   needs a video and a text-to-video model, ...; every violation is a :class:`UserError` (one line, exit 2);
+4. writes a per-job YAML (the family's model config and inference settings, pointed at the folder's
+   transformer, VAE and T5) and returns the ``sample_video`` arguments.
+
+Nothing here loads weights or starts torch.distributed; the multi-process launch (srun / torchrun) is the
+script's business, the prompt sharding across ranks is ``sample_video``'s.
+
+Tiny or custom-size checkpoints (not one of the five released sizes) get the matching ``configs/tiny/`` file
+when their hidden size is the tiny one, otherwise ``MODEL_CONFIG`` must name their model YAML; their default
+frame count is the one of their config.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from sat_cogvideo.errors import UserError, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T5_FOLDER_NAMES = ("t5-v1_1-xxl", "t5", "text_encoder", "google/t5-v1_1-xxl")
+GENERATE_TYPES = ("t2v", "i2v", "v2v")
+DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
+SAMPLER_NAMES = ("dpm", "ddim")
+SEED_STRIDE = 1000  # sample_video seeds line ``cnt`` of a prompt file with ``seed + 1000·cnt``
+
+# The script's variables that this module reads (the environment interface of slurm_inference.sh).
+VARIABLES = ("MODEL_PATH", "FAMILY", "MODEL_CONFIG", "T5_PATH", "VAE_PATH", "LORA_PATH", "PROMPT", "PROMPT_FILE",
+             "PROMPT_LINE", "OUTPUT_PATH", "OUTPUT_DIR", "IMAGE_OR_VIDEO_PATH", "GENERATE_TYPE", "NUM_FRAMES",
+             "NUM_STEPS", "GUIDANCE_SCALE", "DTYPE", "FPS", "SEED", "SAMPLER", "STRENGTH", "DEVICE", "JOB_ID",
+             "JOB_YAML", "OVERWRITE")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model folder
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Where the three parts of a SAT model download are."""
+    root: str
+    transformer: str   # folder with ``latest`` and ``<tag>/mp_rank_00_model_states.pt``
+    checkpoint: str    # the ``mp_rank_00_model_states.pt`` file ``latest`` names
+    vae: str           # ``3d-vae.pt``
+    t5: str            # T5 folder (``config.json`` + weights + ``spiece.model``)
+
+
+def _transformer_file(transformer: str, what: str) -> str:
+    latest = os.path.join(transformer, "latest")
+    if not os.path.isfile(latest):
+        raise UserError(f"{what} {transformer!r} has no 'latest' file: point it at a SAT checkpoint folder "
+                        f"(transformer/latest and transformer/<iteration>/mp_rank_00_model_states.pt)")
+    with open(latest, encoding="utf-8") as f:
+        tag = f.read().strip()
+    path = os.path.join(transformer, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"{latest} names iteration {tag!r} but {path} does not exist (incomplete download?)")
+    return path
+
+
+def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "") -> ModelFolder:
+    """The parts of a SAT model folder: ``MODEL_PATH`` is the folder holding ``transformer/``, ``vae/`` and the T5
+    folder, or the ``transformer`` folder itself (the other two are then looked for next to it)."""
+    if not model_path:
+        raise UserError("MODEL_PATH is empty: set it to a CogVideoX SAT folder (transformer/, vae/3d-vae.pt, "
+                        "t5-v1_1-xxl/)")
+    path = os.path.abspath(os.path.expanduser(model_path))
+    if not os.path.exists(path):
+        hub = " (a Hugging Face id is not a SAT folder)" if model_path.count("/") == 1 and \
+            not model_path.startswith((".", "/", "~")) else ""
+        raise UserError(f"MODEL_PATH {model_path!r} does not exist{hub}: download a CogVideoX SAT checkpoint "
+                        f"(transformer/, vae/3d-vae.pt, t5-v1_1-xxl/) to a disk the compute nodes see and set "
+                        f"MODEL_PATH to it")
+    if not os.path.isdir(path):
+        raise UserError(f"MODEL_PATH {model_path!r} is a file: give the SAT model folder that holds transformer/, "
+                        f"vae/ and the T5 folder")
+    if os.path.isfile(os.path.join(path, "latest")):
+        transformer, root = path, os.path.dirname(path)
+    else:
+        transformer, root = os.path.join(path, "transformer"), path
+        if not os.path.isdir(transformer):
+            raise UserError(f"MODEL_PATH {model_path!r} has no transformer/ folder: the SAT download has "
+                            f"transformer/, vae/3d-vae.pt and t5-v1_1-xxl/ (diffusers folders are not SAT folders)")
+    checkpoint = _transformer_file(transformer, "transformer folder")
+
+    if vae_path:
+        vae = os.path.abspath(os.path.expanduser(vae_path))
+        if not os.path.isfile(vae):
+            raise UserError(f"VAE_PATH {vae_path!r} does not exist: give the 3d-vae.pt file")
+    else:
+        vae = os.path.join(root, "vae", "3d-vae.pt")
+        if not os.path.isfile(vae):
+            raise UserError(f"VAE weights {vae} are missing: put 3d-vae.pt in {os.path.join(root, 'vae')} "
+                            f"or set VAE_PATH")
+
+    if t5_path:
+        t5 = os.path.abspath(os.path.expanduser(t5_path))
+        if not os.path.isfile(os.path.join(t5, "config.json")):
+            raise UserError(f"T5_PATH {t5_path!r} is not a T5 folder (no config.json): give the t5-v1_1-xxl folder")
+    else:
+        candidates = [os.path.join(root, name) for name in T5_FOLDER_NAMES]
+        found = [c for c in candidates if os.path.isfile(os.path.join(c, "config.json"))]
+        if not found:
+            raise UserError(f"no T5 folder in {root}: expected one of {', '.join(T5_FOLDER_NAMES)} with config.json "
+                            f"(or set T5_PATH to the t5-v1_1-xxl folder)")
+        t5 = found[0]
+    return ModelFolder(root, transformer, checkpoint, vae, t5)
+
+
+def read_checkpoint_state(path: str) -> Mapping:
+    """The transformer state dict of a ``mp_rank_00_model_states.pt``, memory-mapped (cheap even at 11 GB)."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # Not a zip-format file (cannot be memory-mapped): read it normally.
+        obj = _load_plain(path)
+    except Exception as err:  # weights_only refuses pickled non-tensor objects (e.g. a saved argparse.Namespace)
+        if "weights_only" not in str(err) and "Unsupported global" not in str(err):
+            raise UserError(f"cannot read checkpoint {path} ({err.__class__.__name__}: {str(err)[:100]})") from None
+        obj = _load_plain(path, weights_only=False)
+    if isinstance(obj, Mapping) and "module" in obj:
+        return obj["module"]
+    if isinstance(obj, Mapping):
+        return obj
+    raise UserError(f"{path} is not a SAT checkpoint (expected a dict with a 'module' state dict)")
+
+
+def _load_plain(path: str, weights_only: bool = True):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError:
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path} ({err.__class__.__name__}: {str(err)[:100]})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the family profile: which config, which defaults, which rules
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the guide's rules need to know about a model."""
+    name: str                  # e.g. "cogvideox-5b" or "tiny cogvideox-5b"
+    rules: object              # the released families.Family whose rules apply
+    released: bool             # the checkpoint has a released model's sizes
+    generation: str
+    i2v: bool
+    num_frames: int            # default video frames
+    fps: int
+    dtype: str
+    allowed_frames: Tuple[int, ...]
+    config: str                # model YAML
+    inference_config: str      # YAML with the args: section
+    source: str                # "checkpoint" or "FAMILY"
+
+
+def _same_kind(fam, detected) -> bool:
+    return fam.generation == detected.generation and fam.i2v == detected.i2v and \
+        (fam.generation != "1.0" or fam.i2v or fam.rotary == detected.rotary)
+
+
+def _rules_family(detected):
+    from sat_cogvideo.families import FAMILIES
+
+    for fam in FAMILIES.values():
+        if _same_kind(fam, detected):
+            return fam
+    raise UserError(f"the checkpoint (generation {detected.generation}, in_channels {detected.in_channels}) matches "
+                    f"no CogVideoX family: set FAMILY and MODEL_CONFIG")
+
+
+def _config_path(path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(ROOT, path)
+
+
+def _load_yaml(path: str):
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist (MODEL_CONFIG takes a model YAML, e.g. "
+                        f"configs/cogvideox_5b.yaml)")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:
+        raise UserError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
+
+
+def resolve_profile(detected, family: str = "", model_config: str = "") -> Profile:
+    """The profile of a detected checkpoint; ``family`` (the ``FAMILY`` variable) must agree with it."""
+    from sat_cogvideo.families import get_family
+    from sat_cogvideo.families import detect_from_model_config
+
+    source = "checkpoint"
+    if family:
+        fam = get_family(family)
+        if detected.family is not None and detected.family is not fam:
+            raise UserError(f"FAMILY={family} but the checkpoint is {detected.family.name}: unset FAMILY or fix "
+                            f"MODEL_PATH")
+        if detected.family is None and not _same_kind(fam, detected):
+            size = "tiny" if detected.hidden_size < 1920 else f"hidden-size-{detected.hidden_size}"
+            raise UserError(f"FAMILY={family} but the checkpoint is a {size} {_rules_family(detected).name} model "
+                            f"(in_channels {detected.in_channels}): unset FAMILY or fix MODEL_PATH")
+        source = "FAMILY"
+    else:
+        fam = detected.family or _rules_family(detected)
+    released = detected.family is not None
+
+    if model_config:
+        config = _config_path(model_config)
+    elif released:
+        config = _config_path(fam.config)
+        if detected.lora:  # a LoRA finetune checkpoint: load it with the LoRA variant of the config
+            config = config[:-len(".yaml")] + "_lora.yaml"
+    else:
+        config = os.path.join(ROOT, "configs", "tiny", os.path.basename(fam.config))
+    mc = _load_yaml(config).get("model")
+    if mc is None:
+        raise UserError(f"{config} has no model: section: MODEL_CONFIG must be a model YAML")
+    from_config = detect_from_model_config(mc)
+    if from_config.hidden_size != detected.hidden_size or from_config.in_channels != detected.in_channels:
+        hint = "set MODEL_CONFIG to the model YAML it was trained with" if not model_config else "fix MODEL_CONFIG"
+        raise UserError(f"the checkpoint (hidden size {detected.hidden_size}, in_channels {detected.in_channels}) does "
+                        f"not fit {config} (hidden size {from_config.hidden_size}, in_channels "
+                        f"{from_config.in_channels}): {hint}")
+
+    if released:
+        name, num_frames, allowed = fam.name, fam.num_frames, tuple(fam.allowed_num_frames())
+        inference = _config_path(fam.inference_config)
+    else:
+        from sat_cogvideo.sample_video import allowed_video_frames
+
+        allowed = tuple(allowed_video_frames(mc, from_config))
+        net = mc["network_config"]["params"]
+        num_frames = int(net.get("num_frames", allowed[0] if allowed else 1))
+        if allowed and num_frames not in allowed:
+            num_frames = max(allowed)
+        name = f"{'tiny' if config.startswith(os.path.join(ROOT, 'configs', 'tiny')) else 'custom'} {fam.name}"
+        inference = os.path.join(ROOT, "configs", "tiny", "inference.yaml") if "tiny" in name \
+            else _config_path(fam.inference_config)
+    return Profile(name, fam, released, detected.generation, detected.i2v, num_frames, fam.fps, fam.dtype,
+                   allowed, config, inference, source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the rules
+
+
+@dataclass
+class Launch:
+    """The resolved job: every value the guide's rules decide, the job YAML and the sample_video arguments."""
+    folder: ModelFolder
+    profile: Profile
+    generate_type: str
+    num_frames: int
+    fps: int
+    dtype: str
+    seed: int
+    media: str
+    prompt: Optional[str]
+    prompt_file: Optional[str]
+    prompt_line: Optional[int]
+    output_path: Optional[str]
+    output_dir: Optional[str]
+    job_yaml: str
+    argv: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def outputs(self) -> List[str]:
+        return [self.output_path] if self.output_path else []
+
+    def summary(self) -> str:
+        what = (f"prompt file {self.prompt_file}" + (f" line {self.prompt_line + 1}" if self.prompt_line is not None
+                                                      else "")) if self.prompt_file else "one prompt"
+        out = self.output_path or self.output_dir
+        return (f"model {self.profile.name} (from {self.profile.source}) in {self.folder.root}; {self.generate_type}, "
+                f"{self.num_frames} frames, {self.fps} fps, {self.dtype}, seed {self.seed}; {what} -> {out}")
+
+
+def _get(env: Mapping, key: str) -> str:
+    value = env.get(key)
+    return "" if value is None else str(value).strip()
+
+
+def _int(env, key, minimum=None) -> Optional[int]:
+    text = _get(env, key)
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{key}={text!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"{key}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env, key) -> Optional[float]:
+    text = _get(env, key)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"{key}={text!r} is not a number") from None
+
+
+def _flag(env, key) -> bool:
+    return _get(env, key).lower() in ("1", "true", "yes", "on")
+
+
+def slugify(text: str) -> str:
+    """The output folder name part of a prompt (as sample_video and the original)."""
+    return text.replace(" ", "_").replace("/", "")[:120]
+
+
+def output_for_line(output_dir: str, cnt: int, text: str) -> str:
+    """Where ``sample_video`` writes line ``cnt`` (0-based) of a prompt file: the original's layout."""
+    return os.path.join(output_dir, f"{cnt}_{slugify(text)}", "0", "000000.mp4")
+
+
+def prompt_lines(path: str) -> List[Tuple[int, str]]:
+    """(0-based line counter, stripped text) of every non-empty line, counted as sample_video counts them."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"PROMPT_FILE {path!r} does not exist: give a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"PROMPT_FILE {path!r} cannot be read ({err.__class__.__name__}): give a UTF-8 text file") from None
+    return [(i, line.strip()) for i, line in enumerate(lines) if line.strip()]
+
+
+def _check_media(gtype: str, path: str, where: str) -> str:
+    from sat_cogvideo.sample_video import IMAGE_EXTS, VIDEO_EXTS
+
+    if gtype == "i2v":
+        if not path:
+            raise UserError(f"i2v needs an image: set IMAGE_OR_VIDEO_PATH to a .jpg/.png file ({where})")
+        if not os.path.isfile(path):
+            raise UserError(f"IMAGE_OR_VIDEO_PATH {path!r} does not exist: give an absolute path the compute "
+                            f"node can read ({where})")
+        if not path.lower().endswith(IMAGE_EXTS):
+            raise UserError(f"i2v needs an image but IMAGE_OR_VIDEO_PATH {path!r} is not one "
+                            f"({', '.join(IMAGE_EXTS)})")
+    elif gtype == "v2v":
+        if not path:
+            raise UserError(f"v2v needs an input video: set IMAGE_OR_VIDEO_PATH to a .mp4 file ({where})")
+        if not os.path.isfile(path):
+            raise UserError(f"IMAGE_OR_VIDEO_PATH {path!r} does not exist: give an absolute path the compute "
+                            f"node can read ({where})")
+        if not path.lower().endswith(VIDEO_EXTS):
+            raise UserError(f"v2v needs a video but IMAGE_OR_VIDEO_PATH {path!r} is not one "
+                            f"({', '.join(VIDEO_EXTS)})")
+    return os.path.abspath(path) if path else ""
+
+
+def resolve(env: Mapping[str, str], write_yaml: bool = True) -> Launch:
+    """Apply every rule of the guide to the script's variables; return the job (and write its YAML)."""
+    from sat_cogvideo.families import detect_from_state_dict
+
+    notes: List[str] = []
+    folder = find_model_folder(_get(env, "MODEL_PATH"), _get(env, "T5_PATH"), _get(env, "VAE_PATH"))
+    detected = detect_from_state_dict(read_checkpoint_state(folder.checkpoint))
+    profile = resolve_profile(detected, _get(env, "FAMILY"), _get(env, "MODEL_CONFIG"))
+
+    # generation type
+    gtype = _get(env, "GENERATE_TYPE").lower() or ("i2v" if profile.i2v else "t2v")
+    if gtype not in GENERATE_TYPES:
+        raise UserError(f"GENERATE_TYPE={gtype!r} is not one of t2v, i2v, v2v")
+    if profile.i2v and gtype == "t2v":
+        notes.append(f"{profile.name} is an image-to-video model: GENERATE_TYPE t2v -> i2v")
+        gtype = "i2v"
+    if profile.i2v and gtype == "v2v":
+        raise UserError(f"v2v needs a text-to-video model but MODEL_PATH holds {profile.name} (an I2V model): use "
+                        f"a T2V model (CogVideoX-2b/-5b/1.5-5b) or GENERATE_TYPE=i2v with an image")
+    if gtype == "i2v" and not profile.i2v:
+        raise UserError(f"i2v needs an I2V model but MODEL_PATH holds {profile.name} (text-to-video): use a "
+                        f"CogVideoX-5b-I2V or CogVideoX1.5-5b-I2V folder, or GENERATE_TYPE=t2v/v2v")
+
+    # prompts
+    prompt, prompt_file, prompt_line = _get(env, "PROMPT") or None, _get(env, "PROMPT_FILE") or None, None
+    media = _get(env, "IMAGE_OR_VIDEO_PATH")
+    line_media_ok = False
+    if prompt_file:
+        lines = prompt_lines(prompt_file)
+        if not lines:
+            raise UserError(f"PROMPT_FILE {prompt_file!r} has no prompts (all lines are empty)")
+        line_no = _int(env, "PROMPT_LINE", minimum=0)
+        if line_no is not None:  # one line of the file (an array element): becomes a single prompt
+            texts = dict(lines)
+            if line_no not in texts:
+                raise UserError(f"PROMPT_LINE={line_no} (0-based) is not a non-empty line of {prompt_file} "
+                                f"(it has {len(lines)} prompts on lines {lines[0][0]}..{lines[-1][0]})")
+            prompt, prompt_line = texts[line_no], line_no
+        elif gtype != "t2v":
+            line_media_ok = all("@@" in text for _, text in lines)
+    if prompt is not None and "@@" in prompt:
+        text, _, path = prompt.partition("@@")
+        prompt, media = text.strip(), media or path.strip()
+    if not prompt and not prompt_file:
+        raise UserError("PROMPT is empty: give a prompt (PROMPT=... or the first argument) or PROMPT_FILE")
+
+    # media
+    if gtype == "t2v":
+        if media:
+            notes.append(f"t2v ignores IMAGE_OR_VIDEO_PATH={media}")
+        media = ""
+    elif not line_media_ok:
+        where = f"{profile.name}, GENERATE_TYPE={gtype}"
+        media = _check_media(gtype, media, where)
+
+    # frames, fps, dtype: the family's values unless set
+    num_frames = _int(env, "NUM_FRAMES")
+    if num_frames is None:
+        num_frames = profile.num_frames
+    elif num_frames not in profile.allowed_frames:
+        allowed = " or ".join(str(a) for a in sorted(profile.allowed_frames, reverse=True))
+        form = "" if (num_frames - 1) % 4 == 0 and num_frames > 0 else " (frame counts are 4N+1)"
+        raise UserError(f"NUM_FRAMES={num_frames} is not allowed for {profile.name}{form}: use {allowed}")
+    fps = _int(env, "FPS", minimum=1) or profile.fps
+    dtype_text = _get(env, "DTYPE").lower()
+    if dtype_text and dtype_text not in DTYPE_NAMES:
+        raise UserError(f"DTYPE={dtype_text!r} is not one of float16, bfloat16, float32")
+    dtype = DTYPE_NAMES[dtype_text] if dtype_text else profile.dtype
+    if dtype == "float16" and profile.dtype == "bfloat16":
+        notes.append(f"{profile.name} in float16 often gives black or NaN videos: DTYPE=bfloat16 is its dtype")
+    num_steps = _int(env, "NUM_STEPS", minimum=1)
+    guidance = _float(env, "GUIDANCE_SCALE")
+    if guidance is not None and guidance < 0:
+        raise UserError(f"GUIDANCE_SCALE={guidance} must not be negative (the guide uses 5-10)")
+    seed = _int(env, "SEED")
+    seed = 42 if seed is None else seed
+    strength = _float(env, "STRENGTH")
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise UserError(f"STRENGTH={strength} must be between 0 and 1")
+    sampler = _get(env, "SAMPLER").lower()
+    if sampler and sampler not in SAMPLER_NAMES:
+        raise UserError(f"SAMPLER={sampler!r} is not one of dpm, ddim")
+    lora = _get(env, "LORA_PATH")
+    if lora:
+        if not os.path.isdir(lora):
+            raise UserError(f"LORA_PATH {lora!r} is not a folder: give the SAT LoRA checkpoint folder (with 'latest')")
+        _transformer_file(lora, "LORA_PATH")
+        lora = os.path.abspath(lora)
+
+    # outputs
+    job_id = _get(env, "JOB_ID") or "local"
+    output_path = output_dir = None
+    if prompt_file and prompt_line is None:
+        output_dir = _get(env, "OUTPUT_DIR") or os.path.join("outputs", f"inference_{job_id}")
+    elif prompt_line is not None and not _get(env, "OUTPUT_PATH"):
+        output_path = output_for_line(_get(env, "OUTPUT_DIR") or "outputs", prompt_line, prompt)
+    else:
+        output_path = _get(env, "OUTPUT_PATH") or os.path.join("outputs", f"inference_{job_id}.mp4")
+        if not output_path.lower().endswith(".mp4"):
+            raise UserError(f"OUTPUT_PATH {output_path!r} must end in .mp4")
+    job_yaml = _get(env, "JOB_YAML") or os.path.join("logs", f"inference-{job_id}.yaml")
+
+    launch = Launch(folder, profile, gtype, num_frames, fps, dtype, seed, media, prompt, prompt_file, prompt_line,
+                    output_path, output_dir, job_yaml, notes=notes)
+    argv = ["--base", job_yaml, "--generate-type", gtype, "--num-frames", str(num_frames),
+            "--sampling-fps", str(fps), "--dtype", dtype]
+    if prompt_file and prompt_line is None:
+        argv += ["--input-type", "txt", "--input-file", prompt_file, "--output-dir", output_dir, "--seed", str(seed)]
+    else:
+        # A line of a file keeps the seed it has in a sharded run of the whole file (seed + 1000·line).
+        line_seed = seed + SEED_STRIDE * (prompt_line or 0)
+        argv += ["--prompt", prompt, "--output-path", output_path, "--seed", str(line_seed)]
+    if media:
+        argv += ["--image-or-video-path", media]
+    if num_steps is not None:
+        argv += ["--num-steps", str(num_steps)]
+    if guidance is not None:
+        argv += ["--guidance-scale", str(guidance)]
+    if sampler:
+        argv += ["--sampler", sampler]
+    if strength is not None:
+        argv += ["--strength", str(strength)]
+    if lora:
+        argv += ["--lora-path", lora]
+    device = _get(env, "DEVICE")
+    if device:
+        argv += ["--device", device]
+    argv += ["--overwrite"] if _flag(env, "OVERWRITE") else ["--skip-existing"]
+    launch.argv = argv
+    if write_yaml:
+        write_job_yaml(launch)
+    return launch
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the per-job YAML
+
+
+def job_config(launch: Launch):
+    """The family's model config and inference settings, pointed at the folder's transformer, VAE and T5."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(_load_yaml(launch.profile.config), _load_yaml(launch.profile.inference_config))
+    folder = launch.folder
+    mc = merged.model
+    mc.first_stage_config.params.ckpt_path = folder.vae
+    n_t5 = 0
+    for emb in mc.conditioner_config.params.emb_models:
+        if "T5" in str(emb.get("target", "")):
+            emb.params.model_dir = folder.t5
+            n_t5 += 1
+    if not n_t5:
+        raise UserError(f"{launch.profile.config} has no T5 embedder in conditioner_config: is it a CogVideoX config?")
+    args = merged.get("args") or OmegaConf.create({})
+    args.load = folder.transformer
+    args.image2video = launch.generate_type == "i2v"
+    args.sampling_fps = launch.fps
+    merged.args = args
+    return merged
+
+
+def write_job_yaml(launch: Launch) -> str:
+    from omegaconf import OmegaConf
+    from sat_cogvideo.media import atomic_write_text
+
+    cfg = job_config(launch)
+    header = (f"# Written by sat_cogvideo.launch for this job: {launch.profile.config} + "
+              f"{launch.profile.inference_config}\n# with the paths of {launch.folder.root}.\n")
+    text = OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+    os.makedirs(os.path.dirname(os.path.abspath(launch.job_yaml)), exist_ok=True)
+    atomic_write_text(launch.job_yaml, header + text)
+    return launch.job_yaml
+
+
+# --------------------------------------------------------------------------------------------------------------
+# submission helper: which lines of a prompt file still need a video
+
+
+def pending_lines(prompt_file: str, output_dir: str) -> List[Tuple[int, str, str, bool]]:
+    """(line, prompt, output, done) for each non-empty line of ``prompt_file``."""
+    rows = []
+    for cnt, text in prompt_lines(prompt_file):
+        out = output_for_line(output_dir, cnt, text.split("@@")[0].strip())
+        rows.append((cnt, text, out, os.path.exists(out)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@run_cli
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sat_cogvideo.launch",
+        description="Apply the cluster guide's rules to the variables of scripts/slurm_inference.sh (read from the "
+                    "environment) and print the sample_video arguments.")
+    parser.add_argument("--args-file", default=None,
+                        help="write the sample_video arguments there, NUL-separated (for the script)")
+    parser.add_argument("--check", action="store_true", help="only check, write nothing")
+    parser.add_argument("--pending", nargs=2, metavar=("PROMPT_FILE", "OUTPUT_DIR"), default=None,
+                        help="list 'line<TAB>done<TAB>output' for each prompt of a file (used by submit_prompts.sh)")
+    args = parser.parse_args(argv)
+    if args.pending:
+        for cnt, _text, out, done in pending_lines(*args.pending):
+            print(f"{cnt}\t{int(done)}\t{out}")
+        return 0
+    launch = resolve(os.environ, write_yaml=not args.check)
+    for note in launch.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(launch.summary())
+    if args.args_file:
+        from sat_cogvideo.media import atomic_write_text
+
+        atomic_write_text(args.args_file, "\0".join(launch.argv) + "\0")
+    else:
+        print("python -m sat_cogvideo.sample_video " + " ".join(shlex.quote(a) for a in launch.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
