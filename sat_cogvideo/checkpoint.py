@@ -31,13 +31,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
+from sat_cogvideo.atomic import atomic_path
 from sat_cogvideo.errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -47,22 +47,14 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 # files
 # ----------------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+def atomic_write(path, write) -> None:
+    """Call ``write(f)`` on a binary file opened at a temporary name next to ``path``, fsync it, then rename it
+    to ``path`` (:func:`sat_cogvideo.atomic.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-atomic_write = _atomic_write  # public name: ``atomic_write(path, write)`` with ``write(binary_file)``
 
 
 def save_checkpoint(directory, state_dict: Mapping[str, torch.Tensor], iteration, extra: Mapping | None = None) -> Path:
@@ -76,8 +68,8 @@ def save_checkpoint(directory, state_dict: Mapping[str, torch.Tensor], iteration
     if extra:
         payload.update(extra)
     target = directory / iteration / MODEL_STATES
-    _atomic_write(target, lambda f: torch.save(payload, f))
-    _atomic_write(directory / "latest", lambda f: f.write(f"{iteration}\n".encode()))
+    atomic_write(target, lambda f: torch.save(payload, f))
+    atomic_write(directory / "latest", lambda f: f.write(f"{iteration}\n".encode()))
     return target
 
 

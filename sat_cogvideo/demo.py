@@ -66,7 +66,7 @@ def _ready(path: str) -> bool:
 
 
 def _mark_ready(path: str) -> None:
-    from sat_cogvideo.media import atomic_write_text
+    from sat_cogvideo.atomic import atomic_write_text
 
     atomic_write_text(path, FORMAT_VERSION + "\n")
 
@@ -100,7 +100,7 @@ def build_vae(folder: str, model_config, seed: int = 1) -> str:
     import torch
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
-    from sat_cogvideo.media import atomic_torch_save
+    from sat_cogvideo.atomic import atomic_torch_save
 
     path = os.path.join(folder, "vae", "3d-vae.pt")
     if os.path.isfile(path):
@@ -120,7 +120,7 @@ def build_transformer(folder: str, model: str, model_config, seed: int = 2) -> s
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
     from sat_cogvideo.distributed import init_distributed
-    from sat_cogvideo.media import atomic_torch_save, atomic_write_text
+    from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text
 
     tdir = os.path.join(folder, model, "transformer")
     marker = os.path.join(tdir, "latest")

@@ -12,7 +12,7 @@ Both code generations run through the same classes:
 * 1.5 (CogVideoX1.5-5B and -I2V): ``patch_size: [pt, ph, pw]``, Linear patch embedding, non-persistent RoPE
   tables, optional ``ofs`` embedding.
 
-Deliberate differences from the original (see ``/work/shared/spec/README.md``):
+Deliberate differences from the original (see also "Differences from the original" in the README):
 
 * building the model leaves every global RNG (Python, NumPy, torch CPU/CUDA) and the cuDNN/TF32 flags as they
   were (the original re-seeds everything with 1234);

@@ -542,7 +542,7 @@ def job_config(launch: Launch):
 
 def write_job_yaml(launch: Launch) -> str:
     from omegaconf import OmegaConf
-    from sat_cogvideo.media import atomic_write_text
+    from sat_cogvideo.atomic import atomic_write_text
 
     cfg = job_config(launch)
     header = (f"# Written by sat_cogvideo.launch for this job: {launch.profile.config} + "
@@ -591,7 +591,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(launch.summary())
     if args.args_file:
-        from sat_cogvideo.media import atomic_write_text
+        from sat_cogvideo.atomic import atomic_write_text
 
         atomic_write_text(args.args_file, "\0".join(launch.argv) + "\0")
     else:

@@ -2,59 +2,22 @@
 
 Maps to the I/O parts of the original ``sample_video.py`` (``save_video_as_grid_and_mp4``, the image
 loading of the I2V branch) without torchvision: PIL resizes images, ``imageio`` with ``imageio-ffmpeg``
-reads and writes mp4 files.  Every file is written to a temporary name in the target folder and renamed
-when complete, so an interrupted run never leaves a truncated output under the final name.
+reads and writes mp4 files.  Every file is written atomically (:mod:`sat_cogvideo.atomic`), so an interrupted run
+never leaves a truncated output under the final name.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sat_cogvideo.atomic import atomic_path, atomic_torch_save, atomic_write_text  # noqa: F401 (re-exported)
 from sat_cogvideo.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-# --------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str | None = None) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
-
-    ``suffix`` (default: the extension of ``path``) ends the temporary name, so writers that choose
-    their format from the extension (ffmpeg) still work.  On error the temporary file is removed.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    if suffix is None:
-        suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".partial-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -659,13 +659,14 @@ def apply_vae_memory_options(model, args) -> None:
 
 def save_outputs(args, plan: Plan, job: Job, index: int, samples_z, video):
     from sat_cogvideo import media
+    from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text
 
     out = job.outputs[index]
     if args.only_save_latents:
         latent = (samples_z.permute(0, 2, 1, 3, 4) / float(args.model_config.get("scale_factor", 1.0))).cpu()
-        media.atomic_torch_save(latent, out)
-        media.atomic_write_text(os.path.join(os.path.dirname(out), "text.txt") if not args.output_path
-                                else os.path.splitext(out)[0] + ".txt", job.text)
+        atomic_torch_save(latent, out)
+        atomic_write_text(os.path.join(os.path.dirname(out), "text.txt") if not args.output_path
+                          else os.path.splitext(out)[0] + ".txt", job.text)
     else:
         media.write_video(out, video, fps=plan.fps)
     return out

@@ -20,7 +20,8 @@ import io
 import json
 import os
 import shutil
-import tempfile
+
+from sat_cogvideo.atomic import make_temp_dir
 
 # A few sentences to train the tokenizer on (lower and upper case, digits, punctuation).
 _CORPUS = [
@@ -88,7 +89,7 @@ def build_tiny_t5(folder, d_model: int = 64, num_layers: int = 2, num_heads: int
         return folder
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-t5-", dir=parent)
+    tmp = make_temp_dir(parent, prefix=".tiny-t5-")
     try:
         vocab = sp_vocab_size + extra_ids
         config = tiny_t5_config(vocab_size=(vocab + 7) // 8 * 8, d_model=d_model, num_layers=num_layers,

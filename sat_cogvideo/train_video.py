@@ -46,6 +46,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text, make_temp_dir
 from sat_cogvideo.errors import UserError, run_cli
 
 SAT_PREFIX = "model.diffusion_model."
@@ -226,8 +227,6 @@ def write_training_config(args) -> None:
         return
     from omegaconf import OmegaConf
 
-    from sat_cogvideo.media import atomic_write_text
-
     atomic_write_text(path, OmegaConf.to_yaml(args.config, resolve=True))
 
 
@@ -275,7 +274,7 @@ def forward_step_eval(data_iterator, model, args, timers, only_log_video_latents
 
 def log_video(batch, model, args, only_log_video_latents=False) -> None:
     """Write the batch captions, then sampled latents (``latent.pt``) or videos, under ``<save>``."""
-    from sat_cogvideo.media import atomic_torch_save, atomic_write_text, write_video
+    from sat_cogvideo.media import write_video
 
     if not args.save:
         return
@@ -352,12 +351,6 @@ def checkpoint_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k.startswith(SAT_PREFIX) or k in trainable}
 
 
-def _atomic_text(path: str, text: str) -> None:
-    from sat_cogvideo.media import atomic_write_text
-
-    atomic_write_text(path, text)
-
-
 def save_checkpoint(iteration, model, optimizer, lr_scheduler, args) -> None:
     """Replacement for SAT's ``save_checkpoint`` (same signature; every rank calls it)."""
     dist = torch.distributed
@@ -396,9 +389,9 @@ def save_checkpoint(iteration, model, optimizer, lr_scheduler, args) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_dir, final_dir)
-        _atomic_text(os.path.join(args.save, "latest"), tag)
-        _atomic_text(os.path.join(args.save, "model_config.json"),
-                     json.dumps({"model_class": "SATVideoDiffusionEngine"}, indent=4))
+        atomic_write_text(os.path.join(args.save, "latest"), tag)
+        atomic_write_text(os.path.join(args.save, "model_config.json"),
+                          json.dumps({"model_class": "SATVideoDiffusionEngine"}, indent=4))
         print(f"saved checkpoint {final_dir}", flush=True)
     dist.barrier()
 
@@ -811,15 +804,13 @@ def main(argv=None) -> int:
 def build_demo_dataset(folder: str, num_videos: int = 2, height: int = 64, width: int = 96, frames: int = 24,
                        fps: int = 8) -> str:
     """``<folder>/dataset/{labels,videos}`` with ``num_videos`` small generated clips (a moving gradient), once."""
-    import tempfile
-
     from sat_cogvideo.media import write_video
 
     target = os.path.join(folder, "dataset")
     if os.path.isdir(os.path.join(target, "videos")):
         return target
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".dataset-", dir=folder)
+    tmp = make_temp_dir(folder, prefix=".dataset-")
     captions = ["a red square drifts slowly to the right over a blue background",
                 "green stripes scroll upwards on a dark screen"]
     yy, xx = np.mgrid[0:height, 0:width]

@@ -393,8 +393,6 @@ def test_checkpoint_activations_gives_the_same_gradients(dist_cpu, lora):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.slow  # reason: three 2-process torchrun launches (~2.5 min on 2 shared cores); the 1-process test above
-# covers the same code in the default run
 def test_killed_and_resumed_two_process_run_equals_uninterrupted_run(demo, tmp_path):
     common = ["--base", LORA, SFT, "--train-iters", "3", "--save-interval", "2", "--seed", "9", "--lr", "2.0"]
     a_save, b_save = str(tmp_path / "a"), str(tmp_path / "b")

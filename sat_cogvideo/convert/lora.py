@@ -37,6 +37,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from sat_cogvideo.atomic import atomic_path
 from sat_cogvideo.errors import UserError
 
 SAT_PREFIX = "model.diffusion_model."
@@ -203,15 +204,9 @@ def save_diffusers_lora(state_dict: Mapping[str, torch.Tensor], folder: str,
     """Write ``<folder>/pytorch_lora_weights.safetensors`` (metadata ``{"format": "pt"}``) atomically."""
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, weight_name)
-    tmp = os.path.join(folder, f".{weight_name}.partial-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -45,6 +45,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from sat_cogvideo.atomic import make_temp_dir
 from sat_cogvideo.errors import UserError
 from sat_cogvideo.convert.safetensors_io import open_weights_folder, write_streaming
 
@@ -635,7 +636,7 @@ class AtomicFolder:
     def __enter__(self) -> str:
         try:
             os.makedirs(self.parent, exist_ok=True)
-            self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=self.parent)
+            self.tmp = make_temp_dir(self.parent, prefix=f".{os.path.basename(self.path)}.tmp-")
         except OSError as err:
             raise UserError(f"cannot create the output folder beside {self.path} ({err.strerror})") from None
         return self.tmp

@@ -17,7 +17,7 @@ Memory switches ``enable_slicing()``, ``enable_tiling(...)``, ``enable_frame_bat
 :mod:`sat_cogvideo.vae_modules.tiling`.  Context parallelism: ``cp_size > 1`` splits time over the ranks of the
 CP group (:mod:`sat_cogvideo.vae_modules.context_parallel`), created from the world on first use if needed.
 
-Decisions against the original (``../shared/spec``): the first-frame rule is the v1.0/diffusers parity rule
+Decisions against the original (the project README lists them): the first-frame rule is the v1.0/diffusers parity rule
 in a single process (21 latents decode to 81 frames, not HEAD's 84); checkpoints load strictly (the original
 printed missing keys and went on); no process group is needed for ``cp_size <= 1``.
 """
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import zipfile
 import pickle
 
 import torch
 import torch.nn as nn
 
+from sat_cogvideo.atomic import atomic_torch_save
 from sat_cogvideo.errors import UserError
 from sat_cogvideo.vae_modules import context_parallel as cp
 from sat_cogvideo.vae_modules.cp_enc_dec import ContextParallelCausalConv3d
@@ -157,18 +157,7 @@ def save_vae_checkpoint(model_or_state_dict, path) -> None:
     """Write ``{"state_dict": ...}`` (the ``3d-vae.pt`` layout) to a temporary name, then rename it to ``path``."""
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state_dict": sd}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save({"state_dict": sd}, path)
 
 
 class VideoAutoencoderInferenceWrapper(VAEMemoryFeatures, VideoAutoencodingEngine):
