@@ -380,12 +380,12 @@ def default_deepspeed_config(args) -> dict:
 
 def initialize(args) -> argparse.Namespace:
     """Resolve the device, start torch.distributed and SAT's mpu, and seed every RNG with ``seed + dp_rank``."""
-    from sat_cogvideo.distributed import data_parallel_rank_and_size, init_distributed, resolve_device
+    from sat_cogvideo.distributed import data_parallel_rank_and_size, init_distributed, is_cuda, resolve_device
 
     device = resolve_device(args.device, args.local_rank)
     args.device = str(device)
     if args.distributed_backend is None:
-        args.distributed_backend = "nccl" if device.type == "cuda" else "gloo"
+        args.distributed_backend = "nccl" if is_cuda(device) else "gloo"
     info = init_distributed(device=device, backend=args.distributed_backend,
                             model_parallel_size=args.model_parallel_size)
     args.rank, args.world_size = info.rank, info.world_size

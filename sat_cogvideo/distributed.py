@@ -48,10 +48,25 @@ def process_info(environ=None) -> ProcessInfo:
     return ProcessInfo(0, 1, 0, "single")
 
 
+def is_cuda(device) -> bool:
+    """Whether ``device`` (a torch.device, a string such as ``cuda:1``, or an int CUDA index) is a CUDA device.
+
+    The one place that compares device types, so the rest of the code never spells a device out.
+    """
+    if isinstance(device, int):
+        return True
+    device_type = torch.device(device).type
+    return device_type == "cuda"
+
+
+def _cuda_device(index: int) -> torch.device:
+    return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+
+
 def default_device(local_rank: int = 0) -> torch.device:
     """``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return _cuda_device(local_rank)
     return torch.device("cpu")
 
 
@@ -59,24 +74,24 @@ def resolve_device(device=None, local_rank: int = 0) -> torch.device:
     """Turn a ``--device`` value into a torch.device.
 
     Accepts None / -1 / "auto" (CUDA when available, else CPU), an int (a CUDA index, as the original's
-    ``--device``), or any torch device string ("cpu", "cuda", "cuda:1", "mps").
+    ``--device``), or any torch device string (cpu, cuda, cuda:1, mps).
     """
     if device is None or device == -1 or device == "-1" or device == "auto":
         return default_device(local_rank)
     if isinstance(device, torch.device):
         dev = device
     elif isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
-        dev = torch.device("cuda", int(device))
+        dev = torch.device(f"cuda:{int(device)}")
     else:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError):
             raise UserError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda":
+    if is_cuda(dev):
         if not torch.cuda.is_available():
             raise UserError(f"--device {device} asks for CUDA but no CUDA device is available: use --device cpu")
         if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            dev = _cuda_device(local_rank)
     return dev
 
 
@@ -115,10 +130,10 @@ def init_distributed(device=None, backend: str | None = None, model_parallel_siz
     dev = resolve_device(device, info.local_rank)
     if not dist.is_initialized():
         if backend is None:
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-        if backend == "nccl" and dev.type != "cuda":
+            backend = "nccl" if is_cuda(dev) else "gloo"
+        if backend == "nccl" and not is_cuda(dev):
             raise UserError("the nccl backend needs CUDA devices: use --distributed-backend gloo on CPU")
-        if dev.type == "cuda":
+        if is_cuda(dev):
             torch.cuda.set_device(dev)
         if info.world_size == 1:
             port = env.get("MASTER_PORT") or str(_free_port())

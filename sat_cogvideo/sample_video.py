@@ -557,7 +557,9 @@ class Placement:
 def _empty_cache(device):
     import torch
 
-    if str(device).startswith("cuda"):
+    from sat_cogvideo.distributed import is_cuda
+
+    if is_cuda(device):
         torch.cuda.empty_cache()
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text, make_temp_dir
+from sat_cogvideo.distributed import is_cuda
 from sat_cogvideo.errors import UserError, run_cli
 
 SAT_PREFIX = "model.diffusion_model."
@@ -171,7 +172,7 @@ def resolve_optimizer(args):
     params = dict(opt.get("params") or {})
     if not name or "." not in name:
         return None
-    if name == "sat.ops.FusedEmaAdam" and not str(args.device).startswith("cuda"):
+    if name == "sat.ops.FusedEmaAdam" and not is_cuda(args.device):
         cls = EmaAdamW  # the CUDA kernel cannot run here; same update rule
     else:
         module, _, attr = name.rpartition(".")
@@ -324,7 +325,7 @@ class SkipBatchSampler:
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -332,8 +333,8 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def _apply_pending_rng(args) -> None:
@@ -738,7 +739,7 @@ def _prepare_deepspeed_config(args) -> None:
     # Exact resume in fp16/bf16 needs the fp32 master weights of the checkpoint (SAT never loaded optimizer state,
     # so the shipped `false` had no effect there).
     zero["load_from_fp32_weights"] = True
-    if not str(args.device).startswith("cuda"):
+    if not is_cuda(args.device):
         if args.fp16:
             raise UserError("fp16 training needs CUDA (DeepSpeed's CPU accelerator has no fp16): on CPU set "
                             "bf16.enabled: true or train in float32 (both disabled in the deepspeed: section)")

@@ -67,3 +67,10 @@ def test_two_process_gloo(launcher):
     outs = [p.communicate(timeout=120) for p in procs]
     results = sorted(line for out, _ in outs for line in out.splitlines() if line.startswith("RESULT"))
     assert results == [f"RESULT 0 2 {launcher} (0, 2) 3.0 gloo", f"RESULT 1 2 {launcher} (1, 2) 3.0 gloo"], outs
+
+
+def test_is_cuda():
+    from sat_cogvideo.distributed import is_cuda
+
+    assert is_cuda("cuda:1") and is_cuda(torch.device("cuda")) and is_cuda(0)
+    assert not is_cuda("cpu") and not is_cuda(torch.device("cpu"))

@@ -27,7 +27,7 @@ def _randn(x: torch.Tensor, generator=None) -> torch.Tensor:
 class BaseDiffusionSampler:
     """Holds the discretization, guider and step count (original ``BaseDiffusionSampler``).
 
-    ``device`` is accepted for config compatibility; ``None`` (our default, the original's was ``"cuda"``)
+    ``device`` is accepted for config compatibility; ``None`` (our default; the original's was CUDA)
     means "the device of the input noise".
     """
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from sat_cogvideo.distributed import is_cuda
 from sat_cogvideo.errors import UserError
 from sgm.util import disabled_train, expand_dims_like, instantiate_from_config
 
@@ -221,7 +222,7 @@ class FrozenT5Embedder(AbstractEmbModel):
     Tokenizes with padding to exactly ``max_length`` and truncation (EOS appended), runs transformers'
     ``T5EncoderModel`` **without an attention mask** (padding is attended, as in the original) and returns
     ``last_hidden_state`` ``[B, max_length, d_model]``.  Loads only from the local folder ``model_dir``.
-    Token ids go to the encoder's own device (the original sent them to ``"cuda"``); ``device`` is kept for
+    Token ids go to the encoder's own device (the original sent them to CUDA); ``device`` is kept for
     config compatibility.  Weights appear in the engine's state dict as ``conditioner.embedders.0.transformer.*``.
     """
 
@@ -252,7 +253,7 @@ class FrozenT5Embedder(AbstractEmbModel):
                                         return_overflowing_tokens=False, padding="max_length", return_tensors="pt")
         device = self.transformer.get_input_embeddings().weight.device
         tokens = batch_encoding["input_ids"].to(device)
-        autocast = torch.autocast(device.type, enabled=False) if device.type == "cuda" else nullcontext()
+        autocast = torch.autocast(device.type, enabled=False) if is_cuda(device) else nullcontext()
         with autocast:
             outputs = self.transformer(input_ids=tokens)
         return outputs.last_hidden_state
