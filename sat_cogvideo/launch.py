@@ -358,24 +358,17 @@ def prompt_lines(path: str) -> List[Tuple[int, str]]:
 def _check_media(gtype: str, path: str, where: str) -> str:
     from sat_cogvideo.sample_video import IMAGE_EXTS, VIDEO_EXTS
 
-    if gtype == "i2v":
+    needs = {"i2v": ("an image", ".jpg/.png file", IMAGE_EXTS), "v2v": ("a video", ".mp4 file", VIDEO_EXTS)}
+    if gtype in needs:
+        what, example, exts = needs[gtype]
         if not path:
-            raise UserError(f"i2v needs an image: set IMAGE_OR_VIDEO_PATH to a .jpg/.png file ({where})")
+            noun = "an image" if gtype == "i2v" else "an input video"
+            raise UserError(f"{gtype} needs {noun}: set IMAGE_OR_VIDEO_PATH to a {example} ({where})")
         if not os.path.isfile(path):
             raise UserError(f"IMAGE_OR_VIDEO_PATH {path!r} does not exist: give an absolute path the compute "
                             f"node can read ({where})")
-        if not path.lower().endswith(IMAGE_EXTS):
-            raise UserError(f"i2v needs an image but IMAGE_OR_VIDEO_PATH {path!r} is not one "
-                            f"({', '.join(IMAGE_EXTS)})")
-    elif gtype == "v2v":
-        if not path:
-            raise UserError(f"v2v needs an input video: set IMAGE_OR_VIDEO_PATH to a .mp4 file ({where})")
-        if not os.path.isfile(path):
-            raise UserError(f"IMAGE_OR_VIDEO_PATH {path!r} does not exist: give an absolute path the compute "
-                            f"node can read ({where})")
-        if not path.lower().endswith(VIDEO_EXTS):
-            raise UserError(f"v2v needs a video but IMAGE_OR_VIDEO_PATH {path!r} is not one "
-                            f"({', '.join(VIDEO_EXTS)})")
+        if not path.lower().endswith(exts):
+            raise UserError(f"{gtype} needs {what} but IMAGE_OR_VIDEO_PATH {path!r} is not one ({', '.join(exts)})")
     return os.path.abspath(path) if path else ""
 
 
