@@ -9,13 +9,15 @@ groups, SwissArmyTransformer's training / evaluation / data groups and DeepSpeed
 * ``deepspeed:`` becomes ``args.deepspeed_config`` (a plain dict),
 * ``data:``      becomes ``args.data_config`` (a DictConfig).
 
-Differences from the original (see the spec README): options given on the command line override the YAML
+Differences from the original (README, "Differences from the original"): options given on the command line override the YAML
 (the original lets the YAML win); ``--device`` also takes ``cpu``/``cuda``/``cuda:N``; the distributed backend
 defaults to nccl on CUDA and gloo on CPU; bool-typed options parse "false"/"0" as False; CPU training is allowed.
 Every problem with a YAML file is one :class:`~sat_cogvideo.errors.UserError` naming the file and key.
 
-Starting torch.distributed and seeding are a separate step, :func:`initialize`, so that configs can be
-read and checked without side effects.
+``--device -1`` (the default) is resolved here, as the original's ``get_args`` did: ``cpu`` without CUDA, else
+``cuda:<local rank>``; ``args.device`` is always a device string afterwards.  Starting torch.distributed and
+seeding are a separate step, :func:`initialize`, so that configs can be read and checked without side effects
+(code that only calls ``get_args`` and builds the engine works too: the engine starts torch.distributed itself).
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ def add_model_config_args(parser):
                        help="-1/auto: CUDA when available, else CPU; or cpu, cuda, cuda:N, N")
     group.add_argument("--debug", action="store_true")
     group.add_argument("--log-image", type=str2bool, default=True)
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="load checkpoints that hold pickled Python objects (runs code from the file: only for "
+                            "files you trust); also SAT_COGVIDEO_TRUST_PICKLE=1")
     return parser
 
 
@@ -260,9 +265,12 @@ def _explicit_dests(parser, argv) -> set:
 
 
 def get_args(args_list: Sequence[str] | None = None, extra: Iterable[Callable] = ()) -> argparse.Namespace:
-    """Parse ``args_list`` (default ``sys.argv[1:]``), merge the ``--base`` YAML files, post-process.
+    """Parse ``args_list`` (default ``sys.argv[1:]``), merge the ``--base`` YAML files, post-process
+    (original ``arguments.get_args``).
 
-    Does not start torch.distributed; call :func:`initialize` for that.
+    ``args.device`` comes back resolved (``cpu`` or ``cuda:N``); ``args.explicit`` is the frozenset of the
+    destinations given on the command line.  Does not start torch.distributed or seed;
+    call :func:`initialize` for that.
     """
     if args_list is None:
         args_list = sys.argv[1:]
@@ -277,6 +285,7 @@ def get_args(args_list: Sequence[str] | None = None, extra: Iterable[Callable] =
     explicit = _explicit_dests(parser, args_list)
     apply_configs(args, parser, explicit)
     _post_process(args, explicit)
+    args.explicit = frozenset(explicit)  # the options given on the command line (they win over the YAML)
     return args
 
 
@@ -308,7 +317,7 @@ def apply_configs(args, parser, explicit: set = frozenset()):
 
 
 def _post_process(args, explicit: set):
-    from sat_cogvideo.distributed import process_info
+    from sat_cogvideo.distributed import process_info, resolve_device
 
     if args.mode != "inference":
         if args.train_iters is not None and args.epochs is not None:
@@ -319,6 +328,7 @@ def _post_process(args, explicit: set):
     args.rank, args.world_size = info.rank, info.world_size
     if args.local_rank is None:
         args.local_rank = info.local_rank
+    args.device = str(resolve_device(args.device, args.local_rank))
     import torch
 
     args.cuda = torch.cuda.is_available()
@@ -379,7 +389,8 @@ def default_deepspeed_config(args) -> dict:
 
 
 def initialize(args) -> argparse.Namespace:
-    """Resolve the device, start torch.distributed and SAT's mpu, and seed every RNG with ``seed + dp_rank``."""
+    """Start torch.distributed and SAT's mpu on ``args.device``, and seed every RNG with ``seed + dp_rank``
+    (the rest of the original's ``get_args``: ``initialize_distributed`` and ``set_random_seed``)."""
     from sat_cogvideo.distributed import data_parallel_rank_and_size, init_distributed, is_cuda, resolve_device
 
     device = resolve_device(args.device, args.local_rank)

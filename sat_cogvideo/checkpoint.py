@@ -14,8 +14,11 @@ API:
     (temporary name + rename).  Returns the path of the ``.pt`` file.
 ``checkpoint_file(path) -> Path``
     Resolve a checkpoint folder (via ``latest``), an iteration folder or a ``.pt`` file to the ``.pt`` file.
-``load_checkpoint_file(path, allow_pickle=False) -> dict``
-    ``torch.load`` of that file on CPU with ``weights_only=True`` (memory-mapped when possible).
+``load_torch_file(path, trust_pickle=None, what=...)``
+    The one ``torch.load`` of the project: CPU, memory-mapped, ``weights_only=True``; full unpickling only when
+    trusted (``--trust-pickle``, the :func:`trusting` scope or ``SAT_COGVIDEO_TRUST_PICKLE=1``).
+``load_checkpoint_file(path, trust_pickle=None, what="checkpoint") -> dict``
+    :func:`load_torch_file` of :func:`checkpoint_file`.
 ``read_state_dict(path_or_dict, prefix=None) -> dict``
     The weights: the ``module`` (or ``model``/``state_dict``) entry; with ``prefix`` only keys under it, prefix
     removed (``prefix="model.diffusion_model."`` gives the DiT of an engine checkpoint).
@@ -28,9 +31,13 @@ API:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -41,6 +48,7 @@ from sat_cogvideo.atomic import atomic_path
 from sat_cogvideo.errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+SAT_PREFIX = "model.diffusion_model."  # the DiT's keys inside an engine checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,11 +81,34 @@ def save_checkpoint(directory, state_dict: Mapping[str, torch.Tensor], iteration
     return target
 
 
+_HF_TO_SAT = ("convert it once with python tools/convert_weight_hf2sat.py --input_path <diffusers folder> "
+              "--output_path <SAT folder> and load <SAT folder>/transformer")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def not_sat_reason(path) -> str | None:
+    """Why ``path`` is a diffusers folder or a Hugging Face id rather than a SAT checkpoint (None otherwise)."""
+    path = Path(path)
+    if not path.exists() and _HUB_ID.match(str(path)):
+        return (f"{path} does not exist here; if it is the Hugging Face id of a diffusers release, the SAT path "
+                f"reads local SAT checkpoints only: download it (huggingface-cli download {path} --local-dir DIR) "
+                f"and {_HF_TO_SAT}")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return f"{path} is a diffusers pipeline folder, not a SAT checkpoint: {_HF_TO_SAT}"
+        if any(path.glob("diffusion_pytorch_model*.safetensors")):
+            return f"{path} is a diffusers model folder, not a SAT checkpoint: {_HF_TO_SAT} (its pipeline folder)"
+    return None
+
+
 def checkpoint_file(path) -> Path:
     """The ``.pt`` file of a checkpoint folder (``latest``), an iteration folder or a file path."""
     path = Path(path)
     if path.is_file():
         return path
+    reason = not_sat_reason(path)
+    if reason:
+        raise UserError(reason)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     if (path / MODEL_STATES).is_file():
@@ -92,22 +123,111 @@ def checkpoint_file(path) -> Path:
     raise UserError(f"{path} is not a SAT checkpoint: expected {path}/latest or {path}/{MODEL_STATES}")
 
 
-def load_checkpoint_file(path, allow_pickle: bool = False) -> dict:
-    """``torch.load`` a checkpoint on CPU, ``weights_only=True`` unless ``allow_pickle`` (trusted files only)."""
-    file = checkpoint_file(path)
+# ----------------------------------------------------------------------------------------------------------
+# the one place that unpickles
+
+TRUST_ENV = "SAT_COGVIDEO_TRUST_PICKLE"
+_TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("sat_cogvideo_trust_pickle", default=False)
+_TRUST_FIX = f"if you trust the file, pass --trust-pickle (or set {TRUST_ENV}=1)"
+
+
+def pickle_trusted(trust_pickle: bool | None = None) -> bool:
+    """Whether full unpickling is allowed: ``trust_pickle``, the CLI's :func:`trusting` scope or the
+    ``SAT_COGVIDEO_TRUST_PICKLE`` environment variable (1/true/yes/on)."""
+    env = os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(trust_pickle) or _TRUST.get() or env
+
+
+@contextlib.contextmanager
+def trusting(trust_pickle: bool):
+    """While the block runs, checkpoints that hold pickled objects may be unpickled (the CLI's --trust-pickle)."""
+    token = _TRUST.set(bool(trust_pickle))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def _plain_data_globals() -> list:
+    """Classes that checkpoints hold besides tensors and that rebuild as plain data (no code from the file runs):
+    NumPy arrays and scalars (the original's RNG states) and DeepSpeed's optimizer-shard records.  Allow-listed
+    for weights-only loads."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # NumPy 1.x
+        from numpy.core import multiarray
+
+    allowed = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    allowed += [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return allowed
+    return allowed + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _check_header(path: Path, what: str) -> None:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path} ({err.strerror or err})") from None
+    if size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes): the download or copy was interrupted; fetch it again")
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
+        raise UserError(f"{what} {path} is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)")
+
+
+def _torch_load(path: Path, weights_only: bool):
+    with torch.serialization.safe_globals(_plain_data_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err) and "zip" not in str(err).lower():
+                raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format: not mappable
+
+
+def load_torch_file(path, *, trust_pickle: bool | None = None, what: str = "checkpoint"):
+    """``torch.load`` of a file on CPU, memory-mapped, ``weights_only=True``.
+
+    Every checkpoint the project reads comes through here.  A file that holds other pickled objects is refused
+    with one line naming the file and the flag; only when trusted (:func:`pickle_trusted`) is it unpickled fully,
+    with a warning naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    _check_header(path, what)
     try:
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
+            return _torch_load(path, weights_only=True)
+        except pickle.UnpicklingError as err:
+            refusal = [ln.strip() for ln in str(err).splitlines() if "unsupported" in ln.lower()]
+            if not refusal:  # not a refusal: the file is damaged
                 raise
-            obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{file} holds Python objects that a weights-only load refuses ({first}); if you trust "
-                        "the file, load it with allow_pickle=True") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UserError(f"cannot read checkpoint {file}: {str(err).splitlines()[0] if str(err) else err!r}") from None
+            if not pickle_trusted(trust_pickle):
+                detail = refusal[0].split(" was not")[0].split(" whose")[0][:120]
+                raise UserError(f"{what} {path} holds pickled Python objects that a safe load refuses ({detail}); "
+                                f"loading it could run code from the file: {_TRUST_FIX}") from None
+        warnings.warn(f"--trust-pickle: unpickling {path} fully (this runs code from the file)")
+        return _torch_load(path, weights_only=False)
+    except UserError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read {what} {path}: it is truncated or damaged ({first[:160]}); fetch it "
+                        f"again") from None
+
+
+def load_checkpoint_file(path, trust_pickle: bool | None = None, what: str = "checkpoint") -> dict:
+    """The dict of a SAT checkpoint (folder, iteration folder or ``.pt`` file), through :func:`load_torch_file`."""
+    file = checkpoint_file(path)
+    obj = load_torch_file(file, trust_pickle=trust_pickle, what=what)
     if not isinstance(obj, dict):
         raise UserError(f"{file} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
@@ -125,6 +245,8 @@ def read_state_dict(path_or_dict, prefix: str | None = None) -> dict[str, torch.
             sd = obj[key]
             break
     sd = dict(sd)
+    if not sd:
+        raise UserError("the checkpoint holds no weights (an empty 'module'/'model'/'state_dict')")
     if prefix and any(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]

@@ -7,6 +7,8 @@ user can fix: a missing file, a wrong key, a wrong frame count, a checkpoint tha
 from __future__ import annotations
 
 import functools
+import importlib
+import re
 import sys
 
 
@@ -32,3 +34,41 @@ def run_cli(main):
             sys.exit(130)
 
     return wrapper
+
+
+# import name -> distribution name, where they differ
+_DISTRIBUTIONS = {"PIL": "pillow", "sat": "SwissArmyTransformer", "imageio_ffmpeg": "imageio-ffmpeg"}
+
+
+def _requirement(module: str) -> str:
+    """The requirement of this project for the package that provides ``module`` (e.g. ``diffusers==0.42.1``),
+    from the installed metadata of sat-cogvideo, else the bare distribution name."""
+    from importlib import metadata
+
+    dist = _DISTRIBUTIONS.get(module, module)
+    try:
+        requires = metadata.requires("sat-cogvideo") or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    for req in requires:
+        name = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
+        if name.lower().replace("_", "-") == dist.lower().replace("_", "-"):
+            return req.split(";")[0].strip()
+    return dist
+
+
+def require_packages(*modules: str, what: str) -> None:
+    """Import ``modules``; one that is missing or broken is a UserError naming the ``pip install`` that fixes it.
+
+    For the command-line tools, whose work needs packages that ``import sat_cogvideo`` does not."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            req = _requirement(module)
+            if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == module:
+                state = "is not installed"
+            else:
+                state = f"cannot be imported ({err.__class__.__name__}: {err})"
+            raise UserError(f"{what} needs the Python package {_DISTRIBUTIONS.get(module, module)!r}, which {state}: "
+                            f"pip install '{req}' (or set up with `bash inference.sh`)") from None

@@ -62,6 +62,8 @@ NPROC="${NPROC:-}"                                # torchrun: processes per node
 PYTHON="${PYTHON:-}"                              # default: python3 of the activated environment
 LOG_DIR="${LOG_DIR:-logs}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"                      # more sample_video options, e.g. "--offload --vae-tiling"
+# SAT_COGVIDEO_TRUST_PICKLE=1 lets checkpoints holding pickled Python objects load (that runs code from the file:
+# only for files you trust); by default they are refused before anything runs, DRY_RUN included.
 
 set -uo pipefail
 die() { echo "error: $*" >&2; exit 2; }

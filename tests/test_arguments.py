@@ -111,9 +111,11 @@ def test_bool_options_parse_false():
 
 
 def test_device_and_image_size_options():
+    import torch
+
     args = get_args(["--device", "cpu", "--sampling-image-size", "64,96"])
     assert args.device == "cpu" and args.sampling_image_size == [64, 96]
-    assert get_args(["--device", "-1"]).device == -1
+    assert get_args(["--device", "-1"]).device == ("cuda:0" if torch.cuda.is_available() else "cpu")  # resolved
 
 
 # ---- bad input: one line each, naming the file and key ----

@@ -122,3 +122,22 @@ def test_discrete_sampling_given_idx_and_bad_group(monkeypatch):
     monkeypatch.setattr(distributed, "data_parallel_rank_and_size", lambda: (0, 12))
     with pytest.raises(UserError, match="group_num 40"):
         instantiate_from_config(sampler_cfg(uniform_sampling=True, group_num=40))(2)
+
+
+@pytest.mark.parametrize("uniform,world,rank,bounds", [(False, 1, 0, (0, 1000)), (True, 4, 3, (750, 1000))])
+def test_discrete_sampling_given_idx_consumes_the_originals_draw(monkeypatch, uniform, world, rank, bounds):
+    """diffusion.md 9.1: ``default(rand, randint(...))`` draws even when ``rand`` is given; the stream after the
+    call must be the original's, and the values those of ``rand``."""
+    import sat_cogvideo.distributed as distributed
+
+    monkeypatch.setattr(distributed, "data_parallel_rank_and_size", lambda: (rank, world))
+    smp = instantiate_from_config(sampler_cfg(uniform_sampling=uniform))
+    idx = torch.tensor([3, 500, 998])
+    torch.manual_seed(1234)
+    s, got = smp(3, rand=idx, return_idx=True)
+    after = torch.randn(8)
+    torch.manual_seed(1234)
+    torch.randint(*bounds, (3,))  # the original's discarded draw
+    expected = torch.randn(8)
+    assert torch.equal(after, expected)
+    assert torch.equal(got, idx) and torch.equal(s, smp.sigmas[idx])

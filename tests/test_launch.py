@@ -141,22 +141,22 @@ def test_i2v_model_forces_i2v(env, tmp_path):
     ("cogvideox-5b-i2v", {}, "i2v needs an image: set IMAGE_OR_VIDEO_PATH to a .jpg/.png file"),
     ("cogvideox1.5-5b-i2v", {"IMAGE_OR_VIDEO_PATH": "/nonexistent/cat.jpg"},
      "IMAGE_OR_VIDEO_PATH '/nonexistent/cat.jpg' does not exist"),
-    ("cogvideox-5b-i2v", {"GENERATE_TYPE": "v2v"}, "v2v needs a text-to-video model but MODEL_PATH holds "
-                                                  "cogvideox-5b-i2v (an I2V model)"),
+    ("cogvideox-5b-i2v", {"GENERATE_TYPE": "v2v"}, "cogvideox-5b-i2v is an image-to-video model and "
+                                                  "cannot do v2v"),
     ("cogvideox-5b", {"GENERATE_TYPE": "i2v"}, "i2v needs an I2V model but MODEL_PATH holds cogvideox-5b"),
     ("cogvideox-2b", {"GENERATE_TYPE": "v2v"}, "v2v needs an input video: set IMAGE_OR_VIDEO_PATH to a .mp4 file"),
     ("cogvideox-2b", {"GENERATE_TYPE": "x2v"}, "GENERATE_TYPE='x2v' is not one of t2v, i2v, v2v"),
     ("cogvideox-5b", {"NUM_FRAMES": 81}, "NUM_FRAMES=81 is not allowed for cogvideox-5b: use 49 or 41 or 33"),
-    ("cogvideox1.5-5b", {"NUM_FRAMES": 50}, "NUM_FRAMES=50 is not allowed for cogvideox1.5-5b (frame counts are "
-                                            "4N+1): use 161 or 81"),
+    ("cogvideox1.5-5b", {"NUM_FRAMES": 50}, "NUM_FRAMES=50 is not of the form 4N+1 (the VAE "
+                                            "compresses time by 4): use 161 or 81 for cogvideox1.5-5b"),
     ("cogvideox-5b", {"NUM_FRAMES": "many"}, "NUM_FRAMES='many' is not an integer"),
     ("cogvideox-5b", {"DTYPE": "int8"}, "DTYPE='int8' is not one of float16, bfloat16, float32"),
     ("cogvideox-5b", {"FPS": 0}, "FPS=0 must be at least 1"),
-    ("cogvideox-5b", {"NUM_STEPS": 0}, "NUM_STEPS=0 must be at least 1"),
+    ("cogvideox-5b", {"NUM_STEPS": 0}, "NUM_STEPS=0 is outside 1..1000"),
     ("cogvideox-5b", {"GUIDANCE_SCALE": "high"}, "GUIDANCE_SCALE='high' is not a number"),
     ("cogvideox-5b", {"SEED": "x"}, "SEED='x' is not an integer"),
     ("cogvideox-5b", {"SAMPLER": "euler"}, "SAMPLER='euler' is not one of dpm, ddim"),
-    ("cogvideox-5b", {"STRENGTH": 2}, "STRENGTH=2.0 must be between 0 and 1"),
+    ("cogvideox-5b", {"STRENGTH": 2}, "STRENGTH=2.0 is outside [0, 1]"),
     ("cogvideox-5b", {"OUTPUT_PATH": "out.avi"}, "OUTPUT_PATH 'out.avi' must end in .mp4"),
     ("cogvideox-5b", {"LORA_PATH": "/nonexistent/lora"}, "LORA_PATH '/nonexistent/lora' is not a folder"),
     ("cogvideox-5b", {"PROMPT": ""}, "PROMPT is empty"),
@@ -193,8 +193,12 @@ def test_model_folder_errors(tmp_path):
         return str(info.value)
 
     assert "MODEL_PATH '/nonexistent/m' does not exist: download a CogVideoX SAT checkpoint" in msg("/nonexistent/m")
-    assert "MODEL_PATH 'THUDM/CogVideoX1.5-5b' does not exist (a Hugging Face id is not a SAT folder): download" \
-        in msg("THUDM/CogVideoX1.5-5b")
+    hub = msg("THUDM/CogVideoX1.5-5b")
+    assert "MODEL_PATH: THUDM/CogVideoX1.5-5b does not exist here; if it is the Hugging Face id" in hub
+    assert "tools/convert_weight_hf2sat.py" in hub
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    assert "is a diffusers pipeline folder, not a SAT checkpoint" in msg(tmp_path / "pipe")
     (tmp_path / "empty").mkdir()
     assert "has no transformer/ folder" in msg(tmp_path / "empty")
     m = make_sat_folder(tmp_path / "m", "cogvideox-2b")

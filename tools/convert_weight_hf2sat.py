@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sat_cogvideo.errors import UserError, run_cli  # noqa: E402
+from sat_cogvideo.errors import UserError, require_packages, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    require_packages("torch", what="tools/convert_weight_hf2sat.py")
     if args.fp16 + args.bf16 + args.fp32 > 1:
         raise UserError("choose one of --fp16, --bf16, --fp32")
     import torch

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sat_cogvideo.errors import UserError, run_cli  # noqa: E402
+from sat_cogvideo.errors import UserError, require_packages, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 @run_cli
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    require_packages("torch", "omegaconf", "diffusers", what="tools/convert_weight_sat2hf.py")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 together: choose one")
     if args.push_to_hub:

@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sat_cogvideo.errors import UserError, run_cli  # noqa: E402
+from sat_cogvideo.errors import UserError, require_packages, run_cli  # noqa: E402
 
 
 def _run_folder(path: str) -> str | None:
@@ -65,14 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale_into_weights", action="store_true",
                    help="multiply the B factors by alpha/r so diffusers uses the adapter at weight 1")
     p.add_argument("--num_layers", type=int, default=None, help="require a LoRA on every one of this many layers")
+    p.add_argument("--trust-pickle", "--trust_pickle", dest="trust_pickle", action="store_true",
+                   help="allow checkpoints with pickled Python objects (runs code from the file: trusted files only)")
     return p
 
 
 @run_cli
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    require_packages("torch", "safetensors", "omegaconf", what="tools/export_sat_lora_weight.py")
     if not args.lora_save_directory and not args.merge:
         raise UserError("nothing to do: give --lora_save_directory (diffusers LoRA) and/or --merge FOLDER")
+    from sat_cogvideo.checkpoint import trusting
+
+    with trusting(args.trust_pickle):
+        return export(args)
+
+
+def export(args) -> int:
+    """Write what ``args`` ask for (see the module docstring)."""
     from sat_cogvideo.checkpoint import read_state_dict, save_checkpoint
     from sat_cogvideo.convert.lora import (SAT_PREFIX, export_lora_sat_to_diffusers, lora_rank,
                                            merge_lora_state_dict, save_diffusers_lora, split_lora_state_dict)

@@ -191,7 +191,7 @@ def write_streaming(folder: str, groups: Iterable[tuple[Mapping, Callable[[Mappi
 # reading
 
 def read_header(path: str) -> tuple[int, dict]:
-    """(data start offset, header dict) of a safetensors file; UserError if it is not one."""
+    """(data start offset, header dict) of a safetensors file; UserError if it is not one or is truncated."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -202,7 +202,13 @@ def read_header(path: str) -> tuple[int, dict]:
                 raise ValueError("bad header length")
             header = json.loads(f.read(length))
     except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a safetensors file ({err})") from None
+        raise UserError(f"{path} is not a safetensors file or is truncated ({err}): fetch it again") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a safetensors file (its header is not a table)")
+    data = [info.get("data_offsets", (0, 0))[1] for name, info in header.items() if name != "__metadata__"]
+    need, size = 8 + length + max(data, default=0), os.path.getsize(path)
+    if size < need:
+        raise UserError(f"{path} is truncated: it holds {size} bytes, its header describes {need}; fetch it again")
     return 8 + length, header
 
 

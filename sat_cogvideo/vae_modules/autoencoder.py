@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import zipfile
-import pickle
 
 import torch
 import torch.nn as nn
@@ -138,16 +136,14 @@ class VideoAutoencodingEngine(AutoencodingEngine):
 
 
 def read_vae_checkpoint(path) -> dict:
-    """The ``state_dict`` of a ``3d-vae.pt`` file, loaded with ``weights_only=True``; clear errors otherwise."""
+    """The ``state_dict`` of a ``3d-vae.pt`` file, through the project's one safe loader
+    (:func:`sat_cogvideo.checkpoint.load_torch_file`); clear errors otherwise."""
+    from sat_cogvideo.checkpoint import load_torch_file
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"VAE checkpoint {path} does not exist: set first_stage_config.params.ckpt_path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"VAE checkpoint {path} cannot be read (truncated or not a torch file: {first}); "
-                        f"download 3d-vae.pt again") from None
+    obj = load_torch_file(path, what="VAE checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
         raise UserError(f"VAE checkpoint {path} has no 'state_dict' entry: it is not a CogVideoX 3d-vae.pt")
     return obj["state_dict"]

@@ -50,11 +50,14 @@ class DiscreteSampling:
         return self.sigmas[idx]
 
     def __call__(self, n_samples, rand=None, return_idx=False):
-        if rand is not None:
-            idx = rand
-        else:
-            bounds = self._group_range() if self.uniform_sampling else None
-            low, high = bounds if bounds is not None else (0, self.num_idx)
-            idx = torch.randint(low, high, (n_samples,))
+        """``n_samples`` table values (and their int64 timesteps with ``return_idx``); ``rand`` gives the timesteps.
+
+        The original's ``default(rand, torch.randint(...))`` draws the timesteps even when ``rand`` is given; the
+        same draw is made and discarded here, so the RNG stream after the call is the original's.
+        """
+        bounds = self._group_range() if self.uniform_sampling else None
+        low, high = bounds if bounds is not None else (0, self.num_idx)
+        drawn = torch.randint(low, high, (n_samples,))
+        idx = drawn if rand is None else rand
         sigmas = self.idx_to_sigma(idx)
         return (sigmas, idx) if return_idx else sigmas

@@ -190,7 +190,7 @@ T5_FILES_HELP = ("config.json, spiece.model and the weights (model.safetensors, 
 
 
 def check_t5_folder(model_dir) -> str:
-    """Raise ``UserError`` unless ``model_dir`` is a local T5 folder with config, tokenizer and weights."""
+    """Raise ``UserError`` unless ``model_dir`` is a local T5 folder with config, tokenizer and complete weights."""
     folder = os.fspath(model_dir)
     if not os.path.isdir(folder):
         raise UserError(f"T5 folder {folder!r} does not exist: set model_dir of FrozenT5Embedder (conditioner_config) "
@@ -213,6 +213,11 @@ def check_t5_folder(model_dir) -> str:
             lost = [s for s in shards if s not in present]
             if lost:
                 raise UserError(f"T5 folder {folder!r} is incomplete: {index} lists missing shards {', '.join(lost)}")
+    from sat_cogvideo.convert.safetensors_io import read_header
+
+    for name in sorted(present):
+        if name.endswith(".safetensors"):
+            read_header(os.path.join(folder, name))  # a truncated download is one line, not a traceback later
     return folder
 
 
