@@ -12,7 +12,7 @@ sub-folders are searched too).  Each item is the batch dict of the original::
 
 Videos are decoded with ``imageio-ffmpeg`` (the original uses decord, which is not used here).
 
-Differences from the original (see the spec README and ``finetune.md`` §7/§13):
+Differences from the original (README, "Differences from the original"):
 
 * frames are sampled at the times nearest to ``fps`` (the original floors the frame step, so a 30 fps clip is
   sampled at 10 fps instead of 8); the original's errors for sources below ``fps`` and near the end of a clip
@@ -62,7 +62,7 @@ def select_frame_indices(num_source_frames: int, source_fps: float, fps: int, ma
     """Which source frames make one sample, and the ``num_frames`` field of the batch.
 
     Returns ``(indices, num_frames)``; ``indices`` has at most ``max_num_frames`` entries (the caller pads with
-    the last frame).  The three cases of ``finetune.md`` §7.1:
+    the last frame).  The original's three cases:
 
     * A, the clip lasts longer than ``max_num_frames`` frames at ``fps``: frames at times ``k / fps`` after the
       first ``skip_frms_num`` frames, each the source frame nearest to that time (the fix; see module docstring);
@@ -250,6 +250,34 @@ class SFTDataset(Dataset):
                  reshape_mode: str = "center"):
         super().__init__()
         data_dir = os.fspath(data_dir)
+        self._check_params(data_dir, video_size, fps, max_num_frames)
+        self.data_dir = data_dir
+        self.fps = int(fps)
+        self.max_num_frames = int(max_num_frames)
+        self.skip_frms_num = skip_frms_num
+        self.reshape_mode = reshape_mode
+        self._reported: set = set()
+        self.skipped: Dict[str, str] = {}  # path -> reason, for every file left out
+        self._bad_items: set = set()
+        self.video_paths: List[str] = []
+        self.captions: List[str] = []
+        self.frame_counts: List[int] = []
+        candidates = self._captioned_videos(data_dir)
+        for (video, caption), (n, reason) in zip(candidates, self._probe_all(candidates, probe_workers)):
+            if reason is not None:
+                self._skip(video, reason)
+                continue
+            self.video_paths.append(video)
+            self.captions.append(caption)
+            self.frame_counts.append(n)
+        if not self.video_paths:
+            detail = f"; {len(self.skipped)} file(s) skipped, see the warnings above" if self.skipped else ""
+            raise UserError(f"dataset folder {data_dir} has no usable video/caption pair (expected labels/N.txt "
+                            f"with a one-line UTF-8 caption beside videos/N.mp4){detail}")
+
+    # --- building
+
+    def _check_params(self, data_dir: str, video_size, fps, max_num_frames) -> None:
         if not os.path.isdir(data_dir):
             raise UserError(f"dataset folder {data_dir} does not exist: train_data must name folders holding "
                             f"labels/N.txt and videos/N.mp4")
@@ -261,14 +289,9 @@ class SFTDataset(Dataset):
             raise UserError(f"data.params.video_size must be [height, width] with positive sizes, got {video_size!r}")
         if int(max_num_frames) < 1 or int(fps) < 1:
             raise UserError(f"data.params.max_num_frames and fps must be positive, got {max_num_frames} and {fps}")
-        self.data_dir = data_dir
-        self.fps = int(fps)
-        self.max_num_frames = int(max_num_frames)
-        self.skip_frms_num = skip_frms_num
-        self.reshape_mode = reshape_mode
-        self._reported: set = set()
-        self.skipped: Dict[str, str] = {}  # path -> reason, for every file left out
 
+    def _captioned_videos(self, data_dir: str) -> List[tuple]:
+        """(video, caption) of every ``videos/N.mp4`` with a readable ``labels/N.txt``; the rest is reported."""
         videos, labels = [], []
         for root, dirs, files in os.walk(data_dir):
             dirs.sort()
@@ -282,7 +305,6 @@ class SFTDataset(Dataset):
         for label in labels:
             if video_path_for(label) not in video_set:
                 self._skip(label, f"caption without video (expected {video_path_for(label)})")
-
         candidates = []
         for video in videos:
             label = caption_path_for(video)
@@ -290,41 +312,26 @@ class SFTDataset(Dataset):
                 self._skip(video, f"video without caption (expected {label})")
                 continue
             try:
-                caption = read_caption(label)
+                candidates.append((video, read_caption(label)))
             except (ValueError, OSError) as err:
                 self._skip(label, str(err))
-                continue
-            candidates.append((video, caption))
+        return candidates
 
+    def _probe_all(self, candidates, workers: int) -> List[tuple]:
+        """(frame count, None) or (None, reason) per candidate: every video is opened once, in ``workers`` threads,
+        so unreadable and too-short videos are reported before training."""
         def probe(item):
-            video, _ = item
             try:
-                n = count_frames(video)
+                n = count_frames(item[0])
                 select_frame_indices(n, 1.0, 1, self.max_num_frames, self.skip_frms_num)  # length check only
                 return n, None
             except BadVideo as err:
                 return None, str(err)
 
-        if probe_workers and len(candidates) > 1:
-            with ThreadPoolExecutor(max_workers=min(int(probe_workers), len(candidates))) as pool:
-                probed = list(pool.map(probe, candidates))
-        else:
-            probed = [probe(c) for c in candidates]
-        self.video_paths: List[str] = []
-        self.captions: List[str] = []
-        self.frame_counts: List[int] = []
-        for (video, caption), (n, reason) in zip(candidates, probed):
-            if reason is not None:
-                self._skip(video, reason)
-                continue
-            self.video_paths.append(video)
-            self.captions.append(caption)
-            self.frame_counts.append(n)
-        self._bad_items: set = set()
-        if not self.video_paths:
-            detail = f"; {len(self.skipped)} file(s) skipped, see the warnings above" if self.skipped else ""
-            raise UserError(f"dataset folder {data_dir} has no usable video/caption pair (expected labels/N.txt "
-                            f"with a one-line UTF-8 caption beside videos/N.mp4){detail}")
+        if workers and len(candidates) > 1:
+            with ThreadPoolExecutor(max_workers=min(int(workers), len(candidates))) as pool:
+                return list(pool.map(probe, candidates))
+        return [probe(c) for c in candidates]
 
     # --- reporting
 

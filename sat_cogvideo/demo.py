@@ -9,14 +9,20 @@
   vae/3d-vae.pt                            {"state_dict": encoder.* / decoder.*}, as the released file
   <model>/transformer/latest               "1"
   <model>/transformer/1/mp_rank_00_model_states.pt   {"module": model.diffusion_model.*}
+  first_frame.png                          the I2V demos' first frame (drawn with PIL), when an I2V model is built
 ```
 
 The tiny configs find the folder through ``${oc.env:SAT_COGVIDEO_DEMO}``; :func:`demo_dir` sets that variable.
 Weights are random (seeded), so the generated video is noise: the demo exercises the whole inference path
 (config, checkpoint loading, T5, sampler, VAE, mp4) in seconds on a CPU.
 
+:func:`prepare_demo` adds ``<folder>/dataset/{labels,videos}``, two generated clips (:func:`build_demo_dataset`), for
+the finetuning demo (``bash finetune.sh`` without arguments, through ``python -m sat_cogvideo.train_video
+--prepare-demo DIR``).
+
 ``python -m sat_cogvideo.demo`` (``bash inference.sh`` without arguments) builds the folder if needed and
-runs text-to-video on one prompt.
+runs text-to-video on one prompt; ``--model cogvideox_5b_i2v`` / ``cogvideox1.5_5b_i2v`` run image-to-video
+from the demo's own first-frame image.
 """
 from __future__ import annotations
 
@@ -30,7 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODELS = ("cogvideox_5b", "cogvideox_2b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v")
 DEFAULT_MODEL = "cogvideox_5b"
 DEMO_PROMPT = "A panda, dressed in a small red jacket and a tiny hat, sits on a wooden stool in a bamboo forest."
-FORMAT_VERSION = "1"
 
 
 def demo_dir(folder: Optional[str] = None) -> str:
@@ -55,20 +60,6 @@ def _model_config(model: str):
 
     cfg = OmegaConf.load(tiny_config_path(model))
     return cfg.model
-
-
-def _ready(path: str) -> bool:
-    try:
-        with open(path) as f:
-            return f.read().strip() == FORMAT_VERSION
-    except OSError:
-        return False
-
-
-def _mark_ready(path: str) -> None:
-    from sat_cogvideo.atomic import atomic_write_text
-
-    atomic_write_text(path, FORMAT_VERSION + "\n")
 
 
 def _randomize(module, seed: int, scale: float = 0.05, skip=()) -> None:
@@ -97,10 +88,9 @@ def build_t5(folder: str, model_config) -> str:
 
 def build_vae(folder: str, model_config, seed: int = 1) -> str:
     """``vae/3d-vae.pt`` with the tiny VAE's random weights under ``state_dict`` (and no ``loss.*`` keys)."""
-    import torch
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
-    from sat_cogvideo.atomic import atomic_torch_save
+    from sat_cogvideo.vae_modules import save_vae_checkpoint
 
     path = os.path.join(folder, "vae", "3d-vae.pt")
     if os.path.isfile(path):
@@ -109,8 +99,7 @@ def build_vae(folder: str, model_config, seed: int = 1) -> str:
     cfg["params"].pop("ckpt_path", None)
     vae = instantiate_from_config(cfg)
     _randomize(vae, seed, scale=0.05)
-    sd = {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
-    atomic_torch_save({"state_dict": sd}, path)
+    save_vae_checkpoint(vae, path)
     return path
 
 
@@ -119,8 +108,8 @@ def build_transformer(folder: str, model: str, model_config, seed: int = 2) -> s
     import torch
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
+    from sat_cogvideo.checkpoint import SAT_PREFIX, save_checkpoint
     from sat_cogvideo.distributed import init_distributed
-    from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text
 
     tdir = os.path.join(folder, model, "transformer")
     marker = os.path.join(tdir, "latest")
@@ -135,16 +124,39 @@ def build_transformer(folder: str, model: str, model_config, seed: int = 2) -> s
     frozen = {n for n, p in dit.named_parameters() if not p.requires_grad}  # e.g. the 2B sincos table
     _randomize(dit, seed, scale=0.05, skip=frozen)
     # as the released files: computed tables are not stored
-    sd = {"model.diffusion_model." + k: v.detach().clone().contiguous() for k, v in dit.state_dict().items()
-          if k not in frozen}
-    atomic_torch_save({"module": sd, "iteration": 1}, os.path.join(tdir, "1", "mp_rank_00_model_states.pt"))
-    atomic_write_text(marker, "1\n")
+    sd = {SAT_PREFIX + k: v.detach().clone().contiguous() for k, v in dit.state_dict().items() if k not in frozen}
+    save_checkpoint(tdir, sd, 1)
     return tdir
+
+
+def is_i2v(model: str) -> bool:
+    """Whether the tiny ``model`` is image-to-video: its DiT takes the image latent beside the noise."""
+    net = _model_config(model).network_config.params
+    return int(net.in_channels) == 2 * int(net.out_channels)
+
+
+def build_image(folder: str, width: int = 192, height: int = 128) -> str:
+    """``first_frame.png``, the I2V demos' first frame: a red disc and a yellow bar on a blue background (drawn
+    deterministically with PIL, written atomically; kept once written).  Ours: the original has no demo."""
+    from PIL import Image, ImageDraw
+
+    from sat_cogvideo.atomic import atomic_path
+
+    path = os.path.join(folder, "first_frame.png")
+    if os.path.isfile(path):
+        return path
+    img = Image.new("RGB", (width, height), (40, 90, 170))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((width // 8, height // 4, width // 8 + height // 2, 3 * height // 4), fill=(220, 40, 40))
+    draw.rectangle((width // 2, height // 3, 7 * width // 8, height // 2), fill=(240, 210, 60))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path
 
 
 def build_demo(folder: Optional[str] = None, models=(DEFAULT_MODEL,)) -> Dict[str, str]:
     """Build (once) the tiny model folder; returns paths: ``folder``, ``t5``, ``vae``, ``<model>`` (transformer
-    folder of each model) and ``config:<model>`` (its YAML)."""
+    folder of each model), ``config:<model>`` (its YAML) and, when an I2V model is among them, ``image``."""
     folder = demo_dir(folder)
     os.makedirs(folder, exist_ok=True)
     paths = {"folder": folder}
@@ -155,14 +167,59 @@ def build_demo(folder: Optional[str] = None, models=(DEFAULT_MODEL,)) -> Dict[st
         mc = _model_config(model)
         paths[model] = build_transformer(folder, model, mc)
         paths["config:" + model] = tiny_config_path(model)
+        if is_i2v(model):
+            paths["image"] = build_image(folder)
     return paths
 
 
-def demo_argv(paths: Dict[str, str], model: str, output: str, prompt: str = DEMO_PROMPT, steps: int = 10,
-              extra=()) -> list:
-    """``sample_video`` arguments for a t2v run of the tiny ``model``."""
-    from omegaconf import OmegaConf
+def build_demo_dataset(folder: str, num_videos: int = 2, height: int = 64, width: int = 96, frames: int = 24,
+                       fps: int = 8) -> str:
+    """``<folder>/dataset/{labels,videos}`` with ``num_videos`` small generated clips (a moving gradient), once."""
+    import numpy as np
 
+    from sat_cogvideo.atomic import make_temp_dir
+    from sat_cogvideo.media import write_video
+
+    target = os.path.join(folder, "dataset")
+    if os.path.isdir(os.path.join(target, "videos")):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    tmp = make_temp_dir(folder, prefix=".dataset-")
+    captions = ["a red square drifts slowly to the right over a blue background",
+                "green stripes scroll upwards on a dark screen"]
+    yy, xx = np.mgrid[0:height, 0:width]
+    for n in range(num_videos):
+        clip = np.zeros((frames, height, width, 3), np.uint8)
+        for t in range(frames):
+            if n % 2 == 0:
+                clip[t, ..., 2] = 160
+                x0 = 8 + 2 * t
+                clip[t, 20:44, x0:x0 + 24, 0] = 230
+            else:
+                clip[t, ..., 1] = (((yy + 3 * t) // 8) % 2 * 200).astype(np.uint8)
+        write_video(os.path.join(tmp, "videos", f"{n + 1}.mp4"), clip, fps=fps)
+        os.makedirs(os.path.join(tmp, "labels"), exist_ok=True)
+        with open(os.path.join(tmp, "labels", f"{n + 1}.txt"), "w", encoding="utf-8") as f:
+            f.write(captions[n % len(captions)] + "\n")
+    try:
+        os.replace(tmp, target)
+    except OSError:  # built meanwhile by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def prepare_demo(folder: Optional[str] = None) -> str:
+    """Build the tiny demo model (CogVideoX-2B layout) and the 2-video dataset; return the demo folder."""
+    folder = demo_dir(folder)
+    build_demo(folder, models=("cogvideox_2b",))
+    build_demo_dataset(folder)
+    return folder
+
+
+def demo_argv(paths: Dict[str, str], model: str, output: str, prompt: str = DEMO_PROMPT, steps: int = 10,
+              extra=(), image: Optional[str] = None) -> list:
+    """``sample_video`` arguments for a run of the tiny ``model``: t2v, or i2v from ``image`` (the I2V models'
+    first frame; without it the caller adds its own)."""
     mc = _model_config(model)
     net = mc.network_config.params
     num_frames = int(net.num_frames)
@@ -171,7 +228,9 @@ def demo_argv(paths: Dict[str, str], model: str, output: str, prompt: str = DEMO
     argv = ["--base", paths["config:" + model], "--load", paths[model], "--prompt", prompt,
             "--output-path", output, "--num-frames", str(num_frames), "--num-steps", str(steps),
             "--sampling-fps", "16" if is15 else "8", "--device", "cpu", "--seed", "42"]
-    if is15:
+    if image is not None:
+        argv += ["--image-or-video-path", image]
+    elif is15:
         argv += ["--sampling-image-size", f"{8 * int(net.latent_height)},{8 * int(net.latent_width)}"]
     return argv + list(extra)
 
@@ -188,7 +247,8 @@ folder), set in configs/<model>.yaml  model_dir: <t5 folder>  and  ckpt_path: <.
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="sat-cogvideo demo: a tiny random-weight model, text-to-video")
+    parser = argparse.ArgumentParser(description="sat-cogvideo demo: a tiny random-weight model, text-to-video "
+                                                 "(image-to-video from a drawn first frame for the I2V models)")
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=DEMO_MODELS)
     parser.add_argument("--folder", default=None, help="cache folder (default ~/.cache/sat-cogvideo/demo)")
     parser.add_argument("--output-path", default=None, help="default: outputs/demo_<model>.mp4")
@@ -205,7 +265,7 @@ def main(argv=None) -> int:
     from sat_cogvideo import sample_video
 
     run_argv = demo_argv(paths, args.model, output, prompt=args.prompt, steps=args.num_steps,
-                         extra=["--overwrite"] + rest)
+                         extra=["--overwrite"] + rest, image=paths.get("image") if is_i2v(args.model) else None)
     print(">> sample_video " + " ".join(run_argv), file=sys.stderr, flush=True)
     sample_video.main(run_argv)
     print(f"\nwrote {output}\n\n{NOTICE}")

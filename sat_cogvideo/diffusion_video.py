@@ -21,10 +21,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from sgm.util import default, get_obj_from_str, instantiate_from_config
+from sat_cogvideo.families import DecodePlan, get_generation
+from sgm.util import default, disabled_train, get_obj_from_str, instantiate_from_config
 
 OPENAI_WRAPPER = "sgm.modules.diffusionmodules.wrappers.OpenAIWrapper"
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _cfg_get(cfg, key, fallback=None):
@@ -37,11 +37,6 @@ def _cfg_get(cfg, key, fallback=None):
     return fallback if value is None else value
 
 
-def _disabled_train(self, mode: bool = True):
-    """Replacement for ``.train`` of frozen submodules: they stay in eval mode."""
-    return self
-
-
 def code_generation(model_config) -> str:
     """"1.5" when the DiT patches time (list ``patch_size`` with a temporal patch > 1), else "1.0"."""
     params = _cfg_get(_cfg_get(model_config, "network_config"), "params", {})
@@ -52,29 +47,33 @@ def code_generation(model_config) -> str:
     return "1.5" if len(patch) == 3 and int(patch[0]) > 1 else "1.0"
 
 
-def decode_chunks_15(num_frames: int) -> List[int]:
-    """Sizes of the ≤10 consecutive latent pieces the 1.5 ``decode_first_stage`` decodes one at a time.
+def engine_device(args) -> str:
+    """``args.device`` as a device string; an unresolved one (missing, -1, auto) is resolved and written back,
+    as SAT's ``get_model`` fills in a missing ``args.device`` before ``model.to(args.device)``."""
+    from sat_cogvideo.distributed import resolve_device
 
-    ``num_frames`` is the latent count after the padding frame was dropped (21 -> [3, 2, 2, …, 2]).
+    device = getattr(args, "device", None)
+    if device is None or device == -1 or device in ("-1", "auto"):
+        args.device = str(resolve_device(None, getattr(args, "local_rank", None) or 0))
+        return args.device
+    return str(resolve_device(device, getattr(args, "local_rank", None) or 0))
+
+
+def ensure_distributed(args) -> None:
+    """Start torch.distributed and SAT's model-parallel groups on ``args.device`` unless already started.
+
+    The original's ``get_args`` started them (``initialize_distributed``) and SAT's model code needs them; here
+    ``get_args`` is free of side effects, so an engine built right after it (code ported from the original)
+    starts them itself, with the backend that suits the device, rather than SAT's fallback start.
     """
-    if num_frames < 2:
-        raise ValueError(f"need at least 2 latent frames to decode, got {num_frames}")
-    k = min(10, num_frames // 2)
-    return [num_frames // k + (1 if i < num_frames % k else 0) for i in range(k)]
+    import torch.distributed as dist
 
+    if dist.is_initialized():
+        return
+    from sat_cogvideo.distributed import init_distributed
 
-def decode_pieces_10(num_frames: int) -> List[tuple]:
-    """Latent ranges the v1.0 sampling script decodes one at a time: [0, 3), [3, 5), [5, 7), …
-
-    Only odd counts cover every frame (13 -> 49 pixel frames); the original silently dropped the last
-    latent of an even count, here an even count is a ValueError.
-    """
-    if num_frames < 1 or (num_frames > 1 and num_frames % 2 == 0):
-        raise ValueError(f"the 1.0 decode needs an odd number of latent frames, got {num_frames}")
-    if num_frames == 1:
-        return [(0, 1)]
-    n = (num_frames - 1) // 2
-    return [(0, 3)] + [(2 * i + 1, 2 * i + 3) for i in range(1, n)]
+    init_distributed(device=args.device, backend=getattr(args, "distributed_backend", None),
+                     model_parallel_size=int(getattr(args, "model_parallel_size", 1) or 1))
 
 
 class SATVideoDiffusionEngine(nn.Module):
@@ -82,10 +81,14 @@ class SATVideoDiffusionEngine(nn.Module):
 
     Constructed from ``args`` with ``args.model_config`` (the ``model:`` YAML section), ``args.fp16`` /
     ``args.bf16`` and ``args.device``.  Extra keyword arguments (SAT's ``params_dtype``) are ignored.
+    As in the original, the engine is built on the CPU: move it with ``model.to(args.device)``, or build it
+    with SAT's ``get_model(args, SATVideoDiffusionEngine)``, which casts it to the model dtype and moves it.
     """
 
     def __init__(self, args, **kwargs):
         super().__init__()
+        self.device = engine_device(args)
+        ensure_distributed(args)
         model_config = args.model_config
         self.model_config = model_config
         self.log_keys = _cfg_get(model_config, "log_keys", None)
@@ -99,7 +102,7 @@ class SATVideoDiffusionEngine(nn.Module):
         self.noised_image_input = bool(_cfg_get(model_config, "noised_image_input", False))
         self.noised_image_all_concat = bool(_cfg_get(model_config, "noised_image_all_concat", False))
         self.noised_image_dropout = float(_cfg_get(model_config, "noised_image_dropout", 0.0))
-        self.generation = code_generation(model_config)
+        self.gen = get_generation(code_generation(model_config))  # what the 1.0 and 1.5 code do differently
 
         if getattr(args, "fp16", False):
             dtype, dtype_str = torch.float16, "fp16"
@@ -139,13 +142,17 @@ class SATVideoDiffusionEngine(nn.Module):
         # The original reads this from the wrong key (`disable_first_stage_autocast`); conditioning logging
         # is not implemented here, so the flag only documents that.
         self.no_cond_log = bool(_cfg_get(model_config, "disable_first_stage_autocast", False))
-        self.device = getattr(args, "device", "cpu")
+
+    @property
+    def generation(self) -> str:
+        """The code generation, "1.0" or "1.5" (the original has one engine per generation)."""
+        return self.gen.name
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def _init_first_stage(self, config):
         model = instantiate_from_config(config, where="model.first_stage_config").eval()
-        model.train = _disabled_train.__get__(model)
+        model.train = disabled_train.__get__(model)
         for param in model.parameters():
             param.requires_grad = False
         self.first_stage_model = model
@@ -212,55 +219,41 @@ class SATVideoDiffusionEngine(nn.Module):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents ``[B, 16, T, h, w]`` -> pixels ``[B, 3, F, H, W]`` (unclamped).
+        """Scaled latents ``[B, 16, T, h, w]`` -> pixels ``[B, 3, F, H, W]`` (unclamped), original
+        ``decode_first_stage`` of each generation (``Generation.stage_decode``).
 
         1.5: the padding latent frame 0 is dropped and the rest decoded in ≤10 consecutive pieces that
         carry the causal-convolution cache (21 latents -> 81 frames).  1.0: one pass over all frames
-        (training-time logging; the sampling script decodes with :meth:`decode_video_pieces`).
+        (training-time logging; the sampling script decodes as :meth:`decode_video`).
         """
-        z = z / self.scale_factor
-        outs = []
-        with self._autocast(z):
-            for sl in self._rounds(z.shape[0]):
-                chunk = z[sl]
-                if self.generation == "1.5":
-                    chunk = chunk[:, :, 1:]
-                    sizes = decode_chunks_15(chunk.shape[2])
-                    pieces, start = [], 0
-                    for i, size in enumerate(sizes):
-                        piece = chunk[:, :, start:start + size].contiguous()
-                        start += size
-                        pieces.append(self.first_stage_model.decode(
-                            piece, clear_fake_cp_cache=(i == len(sizes) - 1), use_cp=(i == 0)))
-                    outs.append(torch.cat(pieces, dim=2))
-                else:
-                    outs.append(self.first_stage_model.decode(chunk))
-        return torch.cat(outs, dim=0)
-
-    @torch.no_grad()
-    def decode_video_pieces(self, z: torch.Tensor) -> torch.Tensor:
-        """The v1.0 sampling script's decode: ``z / scale_factor`` in pieces [0, 3), [3, 5), … with the
-        frame cache carried across pieces (odd latent counts: 13 -> 49 frames).  Equals diffusers' decode."""
-        latent = z / self.scale_factor
-        ranges = decode_pieces_10(latent.shape[2])
-        outs = []
-        with self._autocast(latent):
-            for i, (a, b) in enumerate(ranges):
-                outs.append(self.first_stage_model.decode(
-                    latent[:, :, a:b].contiguous(), clear_fake_cp_cache=(i == len(ranges) - 1)))
-        return torch.cat(outs, dim=2)
+        return self._decode(z, self.gen.stage_decode)
 
     @torch.no_grad()
     def decode_video(self, samples_z: torch.Tensor) -> torch.Tensor:
         """Sampled latents ``[B, T, C, h, w]`` -> video ``[B, F, 3, H, W]`` float32 in [0, 1], the way the
-        sampling script of each generation does it."""
+        sampling script of each generation does it (``Generation.sample_decode``): 1.0 in pieces [0, 3),
+        [3, 5), … one video at a time (13 -> 49 frames; equals diffusers' decode), 1.5 as
+        :meth:`decode_first_stage`."""
         z = samples_z.permute(0, 2, 1, 3, 4).contiguous()
-        if self.generation == "1.5":
-            x = self.decode_first_stage(z)
-        else:
-            x = torch.cat([self.decode_video_pieces(z[i:i + 1]) for i in range(z.shape[0])], dim=0)
+        x = self._decode(z, self.gen.sample_decode)
         x = x.to(torch.float32).permute(0, 2, 1, 3, 4).contiguous()
         return torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0)
+
+    def _decode(self, z: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+        """``z / scale_factor`` decoded by ``plan``: videos one at a time or in rounds, the padding latents
+        dropped, each video's latent ranges decoded in turn with the VAE's frame cache carried across them."""
+        z = z / self.scale_factor
+        rounds = [slice(i, i + 1) for i in range(z.shape[0])] if plan.per_video else self._rounds(z.shape[0])
+        outs = []
+        with self._autocast(z):
+            for sl in rounds:
+                chunk = z[sl][:, :, plan.drop_leading:]
+                ranges = plan.ranges(chunk.shape[2])
+                pieces = [self.first_stage_model.decode(
+                    chunk[:, :, a:b].contiguous(), clear_fake_cp_cache=(i == len(ranges) - 1),
+                    use_cp=(i == 0 or not plan.use_cp_first_only)) for i, (a, b) in enumerate(ranges)]
+                outs.append(torch.cat(pieces, dim=2))
+        return torch.cat(outs, dim=0)
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -298,14 +291,34 @@ class SATVideoDiffusionEngine(nn.Module):
             torch.cuda.empty_cache()
         return self(x, batch)
 
+    def _has_ofs(self) -> bool:
+        return getattr(self.model.diffusion_model, "ofs_embed_dim", None) is not None
+
     def forward(self, x: torch.Tensor, batch: Dict[str, Any]):
         if self.loss_fn is None:
             raise RuntimeError("this engine has no loss (model.loss_fn_config is missing)")
+        if "ofs" not in batch and self._has_ofs():
+            # CogVideoX1.5-I2V: the ofs input at its inference value (the original passed none in training:
+            # KeyError 'ofs', CogVideo issues 489/526, whose fix is this value)
+            batch["ofs"] = torch.full((x.shape[0],), 2.0, device=x.device)
+        if "ofs" in batch:
+            self.loss_fn.batch2model_keys.add("ofs")
         loss = self.loss_fn(self.model, self.denoiser, self.conditioner, x, batch)
         loss_mean = loss.mean()
         return loss_mean, {"loss": loss_mean}
 
     # ------------------------------------------------------------------------------------------ sampling
+
+    def _require_on_device(self, part: str) -> None:
+        """One line instead of a device-mismatch traceback when ``part`` is not on ``self.device`` (an engine
+        built directly and never moved; SAT's ``get_model`` moves it)."""
+        param = next(getattr(self, part).parameters(), None)
+        if param is None or param.device.type == torch.device(self.device).type:
+            return
+        from sat_cogvideo.errors import UserError
+
+        raise UserError(f"the engine's {part} is on {param.device} but args.device is {self.device}: move the "
+                        f"engine with model.to(args.device) (SAT's get_model(args, SATVideoDiffusionEngine) does)")
 
     def _initial_noise(self, batch_size: int, shape: Sequence[int], generator=None) -> torch.Tensor:
         # CPU float32 draw, then moved, as the original (so seeded runs agree across devices).
@@ -337,6 +350,7 @@ class SATVideoDiffusionEngine(nn.Module):
         """Draw ``[batch_size, *shape]`` noise and run the sampler; returns ``[B, T, C, h, w]`` in the model dtype."""
         if self.sampler is None:
             raise RuntimeError("this engine has no sampler (model.sampler_config is missing)")
+        self._require_on_device("model")
         x = self._initial_noise(batch_size, shape, generator)
         if prefix is not None:
             x = torch.cat([prefix, x[:, prefix.shape[1]:]], dim=1)
@@ -368,6 +382,7 @@ class SATVideoDiffusionEngine(nn.Module):
         sampler = self.sampler
         if sampler is None:
             raise RuntimeError("this engine has no sampler (model.sampler_config is missing)")
+        self._require_on_device("model")
         n = int(sampler.num_steps)
         k = self.start_step(strength, n)
         if noise is None:
@@ -376,12 +391,9 @@ class SATVideoDiffusionEngine(nn.Module):
         z0 = z0.to(device=noise.device, dtype=torch.float32)
         if k >= n:
             return z0.to(self.dtype)
-        denoiser = self._denoiser_closure(concat_images)
-        x, s_in, sigmas, num_sigmas, cond, uc, timesteps = sampler.prepare_sampling_loop(
-            noise, cond, uc, num_steps=n)
-        s_k = sigmas[k].to(torch.float32)
+        s_k = sampler.schedule(n, noise.device)[0][k].to(torch.float32)
         x = s_k * z0 + torch.sqrt(1.0 - s_k ** 2) * noise
-        x = run_sampler_steps(sampler, denoiser, x, s_in, sigmas, num_sigmas, cond, uc, timesteps, start=k, ofs=ofs)
+        x = sampler(self._denoiser_closure(concat_images), x, cond, uc=uc, num_steps=n, ofs=ofs, start=k)
         return x.to(self.dtype)
 
     # ------------------------------------------------------------------------------------------ logging
@@ -419,6 +431,8 @@ class SATVideoDiffusionEngine(nn.Module):
             image = torch.cat([image, torch.zeros_like(z[:, 1:])], dim=1)
             c["concat"] = image
             uc["concat"] = image
+        if "ofs" not in kwargs and self._has_ofs():
+            kwargs["ofs"] = torch.tensor([2.0], device=self.device)  # as sample_video (1.5-I2V)
         samples = self.sample(c, shape=z.shape[1:], uc=uc, batch_size=n, **kwargs)
         samples = samples.permute(0, 2, 1, 3, 4).contiguous()
         if only_log_video_latents:
@@ -426,17 +440,3 @@ class SATVideoDiffusionEngine(nn.Module):
         else:
             log["samples"] = self.decode_first_stage(samples).to(torch.float32).permute(0, 2, 1, 3, 4).contiguous()
         return log
-
-
-def run_sampler_steps(sampler, denoiser, x, s_in, sigmas, num_sigmas, cond, uc, timesteps, start: int = 0,
-                      ofs=None, generator=None):
-    """Run steps ``start … n-1`` of a CogVideoX video sampler from state ``x``.
-
-    Uses the sampler's own per-step update (DDIM, or DPM-Solver++(2M) SDE, whose first step from ``start``
-    has no previous prediction and is therefore first order, and whose last step returns the prediction).
-    """
-    n = num_sigmas - 1
-    sampler._reset()
-    for i in range(start, n):
-        x, _ = sampler._step(i, sigmas, s_in, timesteps, denoiser, x, cond, uc, n, None, None, ofs, generator)
-    return x

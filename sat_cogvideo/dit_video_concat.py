@@ -528,7 +528,7 @@ class FinalLayerMixin(BaseMixin):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, 2 * hidden_size))
 
     def final_forward(self, logits, **kwargs):
-        x, emb, text_length = logits[:, kwargs["text_length"]:], kwargs["emb"], kwargs["text_length"]
+        x, emb = logits[:, kwargs["text_length"]:], kwargs["emb"]
         shift, scale = self.adaLN_modulation(emb).chunk(2, dim=1)
         x = self.linear(modulate(self.norm_final(x), shift, scale))
         return self.unpatchify(x, kwargs["rope_T"], kwargs["rope_H"], kwargs["rope_W"])
@@ -566,6 +566,19 @@ class SwiGLUMixin(BaseMixin):
 
 def _mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim_hidden), nn.SiLU(), nn.Linear(dim_hidden, dim_out))
+
+
+def _sat_args(transformer_args, **sizes) -> argparse.Namespace:
+    """The ``args`` namespace SAT's ``BaseModel`` builds its transformer from: the config's ``transformer_args``,
+    the network's sizes, and SAT's defaults for what a DiT does not use."""
+    args = _to_container(transformer_args)
+    args = dict(args) if isinstance(args, Mapping) else dict(vars(args))
+    args.update(sizes)
+    args.setdefault("seed", None)  # SAT would otherwise re-seed every RNG with 1234
+    for key, fallback in (("vocab_size", 1), ("max_sequence_length", 64), ("layernorm_order", "pre"),
+                          ("skip_init", False), ("model_parallel_size", 1)):
+        args.setdefault(key, fallback)
+    return argparse.Namespace(**args)
 
 
 class DiffusionTransformer(BaseModel):
@@ -617,17 +630,8 @@ class DiffusionTransformer(BaseModel):
         if input_time != "adaln":
             raise NotImplementedError(f"input_time {input_time!r}: only 'adaln' is implemented")
 
-        args = _to_container(transformer_args)
-        args = dict(args) if isinstance(args, Mapping) else dict(vars(args))
-        args.update(num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-                    parallel_output=parallel_output)
-        args.setdefault("seed", None)  # SAT would otherwise re-seed every RNG with 1234
-        args = argparse.Namespace(**args)
-        for key, fallback in (("vocab_size", 1), ("max_sequence_length", 64), ("layernorm_order", "pre"),
-                              ("skip_init", False), ("model_parallel_size", 1)):
-            if not hasattr(args, key):
-                setattr(args, key, fallback)
-
+        args = _sat_args(transformer_args, num_layers=num_layers, hidden_size=hidden_size,
+                         num_attention_heads=num_attention_heads, parallel_output=parallel_output)
         if use_SwiGLU:
             kwargs.setdefault("activation_func", F.silu)
         elif "activation_func" not in kwargs:
@@ -725,7 +729,7 @@ class DiffusionTransformer(BaseModel):
 
     # -- keys ---------------------------------------------------------------------------------------------
     def known_unused_keys(self) -> set[str]:
-        """State-dict keys this model may find missing from or extra in a checkpoint (spec transformer.md §16 #9).
+        """State-dict keys this model may find missing from or extra in a checkpoint .
 
         RoPE tables (recomputed), the unused ``transformer.position_embeddings.weight`` and the frozen sincos
         table of the 2B model (recomputed).

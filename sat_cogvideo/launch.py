@@ -30,17 +30,13 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
+from sat_cogvideo import rules
 from sat_cogvideo.errors import UserError, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T5_FOLDER_NAMES = ("t5-v1_1-xxl", "t5", "text_encoder", "google/t5-v1_1-xxl")
-GENERATE_TYPES = ("t2v", "i2v", "v2v")
-DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
-               "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
-SAMPLER_NAMES = ("dpm", "ddim")
-SEED_STRIDE = 1000  # sample_video seeds line ``cnt`` of a prompt file with ``seed + 1000·cnt``
 
 # The script's variables that this module reads (the environment interface of slurm_inference.sh).
 VARIABLES = ("MODEL_PATH", "FAMILY", "MODEL_CONFIG", "T5_PATH", "VAE_PATH", "LORA_PATH", "PROMPT", "PROMPT_FILE",
@@ -64,16 +60,13 @@ class ModelFolder:
 
 
 def _transformer_file(transformer: str, what: str) -> str:
-    latest = os.path.join(transformer, "latest")
-    if not os.path.isfile(latest):
+    """The ``mp_rank_00_model_states.pt`` that ``<transformer>/latest`` names (:func:`checkpoint.checkpoint_file`)."""
+    from sat_cogvideo.checkpoint import checkpoint_file
+
+    if not os.path.isfile(os.path.join(transformer, "latest")):
         raise UserError(f"{what} {transformer!r} has no 'latest' file: point it at a SAT checkpoint folder "
                         f"(transformer/latest and transformer/<iteration>/mp_rank_00_model_states.pt)")
-    with open(latest, encoding="utf-8") as f:
-        tag = f.read().strip()
-    path = os.path.join(transformer, tag, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"{latest} names iteration {tag!r} but {path} does not exist (incomplete download?)")
-    return path
+    return str(checkpoint_file(transformer))
 
 
 def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "") -> ModelFolder:
@@ -82,11 +75,14 @@ def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "") ->
     if not model_path:
         raise UserError("MODEL_PATH is empty: set it to a CogVideoX SAT folder (transformer/, vae/3d-vae.pt, "
                         "t5-v1_1-xxl/)")
+    from sat_cogvideo.checkpoint import not_sat_reason
+
     path = os.path.abspath(os.path.expanduser(model_path))
+    reason = not_sat_reason(model_path) or not_sat_reason(os.path.join(path, "transformer"))
+    if reason:
+        raise UserError(f"MODEL_PATH: {reason}")
     if not os.path.exists(path):
-        hub = " (a Hugging Face id is not a SAT folder)" if model_path.count("/") == 1 and \
-            not model_path.startswith((".", "/", "~")) else ""
-        raise UserError(f"MODEL_PATH {model_path!r} does not exist{hub}: download a CogVideoX SAT checkpoint "
+        raise UserError(f"MODEL_PATH {model_path!r} does not exist: download a CogVideoX SAT checkpoint "
                         f"(transformer/, vae/3d-vae.pt, t5-v1_1-xxl/) to a disk the compute nodes see and set "
                         f"MODEL_PATH to it")
     if not os.path.isdir(path):
@@ -126,36 +122,11 @@ def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "") ->
 
 
 def read_checkpoint_state(path: str) -> Mapping:
-    """The transformer state dict of a ``mp_rank_00_model_states.pt``, memory-mapped (cheap even at 11 GB)."""
-    import torch
+    """The transformer state dict of a ``mp_rank_00_model_states.pt``, memory-mapped (cheap even at 11 GB), through
+    the project's one safe loader (``SAT_COGVIDEO_TRUST_PICKLE=1`` allows pickled objects)."""
+    from sat_cogvideo.checkpoint import load_checkpoint_file, read_state_dict
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Not a zip-format file (cannot be memory-mapped): read it normally.
-        obj = _load_plain(path)
-    except Exception as err:  # weights_only refuses pickled non-tensor objects (e.g. a saved argparse.Namespace)
-        if "weights_only" not in str(err) and "Unsupported global" not in str(err):
-            raise UserError(f"cannot read checkpoint {path} ({err.__class__.__name__}: {str(err)[:100]})") from None
-        obj = _load_plain(path, weights_only=False)
-    if isinstance(obj, Mapping) and "module" in obj:
-        return obj["module"]
-    if isinstance(obj, Mapping):
-        return obj
-    raise UserError(f"{path} is not a SAT checkpoint (expected a dict with a 'module' state dict)")
-
-
-def _load_plain(path: str, weights_only: bool = True):
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError:
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path} ({err.__class__.__name__}: {str(err)[:100]})") from None
+    return read_state_dict(load_checkpoint_file(path))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +181,18 @@ def _load_yaml(path: str):
         raise UserError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
 
 
+def _model_config_file(fam, detected, model_config: str) -> str:
+    """MODEL_CONFIG, else the family's config (its LoRA variant for LoRA checkpoints), else the tiny one."""
+    if model_config:
+        return _config_path(model_config)
+    if detected.family is not None:
+        config = _config_path(fam.config)
+        if detected.lora:  # a LoRA finetune checkpoint: load it with the LoRA variant of the config
+            config = config[:-len(".yaml")] + "_lora.yaml"
+        return config
+    return os.path.join(ROOT, "configs", "tiny", os.path.basename(fam.config))
+
+
 def resolve_profile(detected, family: str = "", model_config: str = "") -> Profile:
     """The profile of a detected checkpoint; ``family`` (the ``FAMILY`` variable) must agree with it."""
     from sat_cogvideo.families import get_family
@@ -229,15 +212,7 @@ def resolve_profile(detected, family: str = "", model_config: str = "") -> Profi
     else:
         fam = detected.family or _rules_family(detected)
     released = detected.family is not None
-
-    if model_config:
-        config = _config_path(model_config)
-    elif released:
-        config = _config_path(fam.config)
-        if detected.lora:  # a LoRA finetune checkpoint: load it with the LoRA variant of the config
-            config = config[:-len(".yaml")] + "_lora.yaml"
-    else:
-        config = os.path.join(ROOT, "configs", "tiny", os.path.basename(fam.config))
+    config = _model_config_file(fam, detected, model_config)
     mc = _load_yaml(config).get("model")
     if mc is None:
         raise UserError(f"{config} has no model: section: MODEL_CONFIG must be a model YAML")
@@ -306,17 +281,14 @@ def _get(env: Mapping, key: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _int(env, key, minimum=None) -> Optional[int]:
+def _int(env, key) -> Optional[int]:
     text = _get(env, key)
     if not text:
         return None
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise UserError(f"{key}={text!r} is not an integer") from None
-    if minimum is not None and value < minimum:
-        raise UserError(f"{key}={value} must be at least {minimum}")
-    return value
 
 
 def _float(env, key) -> Optional[float]:
@@ -333,43 +305,136 @@ def _flag(env, key) -> bool:
     return _get(env, key).lower() in ("1", "true", "yes", "on")
 
 
-def slugify(text: str) -> str:
-    """The output folder name part of a prompt (as sample_video and the original)."""
-    return text.replace(" ", "_").replace("/", "")[:120]
-
-
-def output_for_line(output_dir: str, cnt: int, text: str) -> str:
-    """Where ``sample_video`` writes line ``cnt`` (0-based) of a prompt file: the original's layout."""
-    return os.path.join(output_dir, f"{cnt}_{slugify(text)}", "0", "000000.mp4")
-
-
 def prompt_lines(path: str) -> List[Tuple[int, str]]:
-    """(0-based line counter, stripped text) of every non-empty line, counted as sample_video counts them."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"PROMPT_FILE {path!r} does not exist: give a text file with one prompt per line") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"PROMPT_FILE {path!r} cannot be read ({err.__class__.__name__}): give a UTF-8 text file") from None
-    return [(i, line.strip()) for i, line in enumerate(lines) if line.strip()]
+    """(0-based line counter, stripped text) of every non-blank line, read as sample_video reads them
+    (:func:`sat_cogvideo.rules.read_prompt_file`); an empty prompt before '@@' is a UserError."""
+    if not os.path.isfile(path):
+        state = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise UserError(f"PROMPT_FILE {path!r} {state}: give a text file with one prompt per line")
+    lines = rules.read_prompt_file(path)[0]
+    for cnt, text in lines:
+        rules.split_prompt(text, None, f"{path} line {cnt + 1}")
+    return lines
 
 
-def _check_media(gtype: str, path: str, where: str) -> str:
-    from sat_cogvideo.sample_video import IMAGE_EXTS, VIDEO_EXTS
+def _generate_type(env, profile: Profile, notes: List[str]) -> str:
+    """GENERATE_TYPE (default: the model's); an I2V model turns t2v into i2v."""
+    gtype = rules.check_choice("GENERATE_TYPE", _get(env, "GENERATE_TYPE").lower() or
+                               ("i2v" if profile.i2v else "t2v"), rules.GENERATE_TYPES)
+    if profile.i2v and gtype == "t2v":
+        notes.append(f"{profile.name} is an image-to-video model: GENERATE_TYPE t2v -> i2v")
+        gtype = "i2v"
+    rules.check_generate_type(gtype, profile.i2v, profile.name, "MODEL_PATH",
+                              use_t2v="use a T2V model (CogVideoX-2b/-5b/1.5-5b) or GENERATE_TYPE=i2v with an image",
+                              use_i2v="use a CogVideoX-5b-I2V or CogVideoX1.5-5b-I2V folder, or GENERATE_TYPE=t2v/v2v")
+    return gtype
 
-    needs = {"i2v": ("an image", ".jpg/.png file", IMAGE_EXTS), "v2v": ("a video", ".mp4 file", VIDEO_EXTS)}
-    if gtype in needs:
-        what, example, exts = needs[gtype]
-        if not path:
-            noun = "an image" if gtype == "i2v" else "an input video"
-            raise UserError(f"{gtype} needs {noun}: set IMAGE_OR_VIDEO_PATH to a {example} ({where})")
-        if not os.path.isfile(path):
-            raise UserError(f"IMAGE_OR_VIDEO_PATH {path!r} does not exist: give an absolute path the compute "
-                            f"node can read ({where})")
-        if not path.lower().endswith(exts):
-            raise UserError(f"{gtype} needs {what} but IMAGE_OR_VIDEO_PATH {path!r} is not one ({', '.join(exts)})")
-    return os.path.abspath(path) if path else ""
+
+def _prompts(env, gtype: str):
+    """(prompt, prompt_file, prompt_line, media, every line names its media) from PROMPT, PROMPT_FILE,
+    PROMPT_LINE and IMAGE_OR_VIDEO_PATH."""
+    prompt, prompt_file, prompt_line = _get(env, "PROMPT") or None, _get(env, "PROMPT_FILE") or None, None
+    media, line_media = _get(env, "IMAGE_OR_VIDEO_PATH"), False
+    if prompt_file:
+        lines = prompt_lines(prompt_file)
+        if not lines:
+            raise UserError(f"PROMPT_FILE {prompt_file!r} has no prompts (all lines are empty)")
+        line_no = _int(env, "PROMPT_LINE")
+        if line_no is not None:  # one line of the file (an array element): becomes a single prompt
+            rules.check_at_least("PROMPT_LINE", line_no, 0)
+            texts = dict(lines)
+            if line_no not in texts:
+                raise UserError(f"PROMPT_LINE={line_no} (0-based) is not a non-empty line of {prompt_file} "
+                                f"(it has {len(lines)} prompts on lines {lines[0][0]}..{lines[-1][0]})")
+            prompt, prompt_line = texts[line_no], line_no
+        elif gtype != "t2v":
+            line_media = all("@@" in text for _, text in lines)
+    if prompt is not None and "@@" in prompt:
+        prompt, path = rules.split_prompt(prompt, None, "PROMPT")
+        media = media or path
+    if not prompt and not prompt_file:
+        raise UserError("PROMPT is empty: give a prompt (PROMPT=... or the first argument) or PROMPT_FILE")
+    return prompt, prompt_file, prompt_line, media, line_media
+
+
+def _media(gtype: str, media: str, line_media: bool, profile: Profile, notes: List[str]) -> str:
+    """The absolute media path ("" for t2v or when every prompt line names its own)."""
+    if gtype == "t2v":
+        if media:
+            notes.append(f"t2v ignores IMAGE_OR_VIDEO_PATH={media}")
+        return ""
+    if line_media:
+        return media
+    rules.check_media_path(gtype, media, "IMAGE_OR_VIDEO_PATH", f"{profile.name}, GENERATE_TYPE={gtype}")
+    return os.path.abspath(media)
+
+
+def _sampling(env, profile: Profile, notes: List[str]) -> dict:
+    """Frames, fps and dtype (the family's unless set), and the sampler settings that are set."""
+    num_frames = _int(env, "NUM_FRAMES")
+    if num_frames is None:
+        num_frames = profile.num_frames
+    else:
+        rules.check_video_frames("NUM_FRAMES", num_frames, profile.allowed_frames, profile.name)
+    fps = _int(env, "FPS")
+    dtype = _get(env, "DTYPE").lower()
+    dtype = rules.dtype_name("DTYPE", dtype) if dtype else profile.dtype
+    if dtype == "float16" and profile.dtype == "bfloat16":
+        notes.append(f"{profile.name} in float16 often gives black or NaN videos: DTYPE=bfloat16 is its dtype")
+    values = dict(num_frames=num_frames, fps=rules.check_at_least("FPS", fps, 1) if fps is not None else profile.fps,
+                  dtype=dtype, num_steps=_int(env, "NUM_STEPS"), guidance=_float(env, "GUIDANCE_SCALE"),
+                  seed=_int(env, "SEED"), strength=_float(env, "STRENGTH"), sampler=_get(env, "SAMPLER").lower())
+    if values["num_steps"] is not None:
+        rules.check_num_steps("NUM_STEPS", values["num_steps"],
+                              rules.max_sampling_steps(_load_yaml(profile.config).get("model") or {}))
+    if values["guidance"] is not None:
+        rules.check_guidance_scale("GUIDANCE_SCALE", values["guidance"])
+    values["seed"] = 42 if values["seed"] is None else values["seed"]
+    if values["strength"] is not None:
+        rules.check_strength("STRENGTH", values["strength"])
+    if values["sampler"]:
+        rules.check_choice("SAMPLER", values["sampler"], tuple(rules.SAMPLERS))
+    return values
+
+
+def _lora(env) -> str:
+    lora = _get(env, "LORA_PATH")
+    if lora:
+        if not os.path.isdir(lora):
+            raise UserError(f"LORA_PATH {lora!r} is not a folder: give the SAT LoRA checkpoint folder (with 'latest')")
+        _transformer_file(lora, "LORA_PATH")
+        lora = os.path.abspath(lora)
+    return lora
+
+
+def _outputs(env, prompt, prompt_file, prompt_line) -> Tuple[Optional[str], Optional[str]]:
+    """(output_path, output_dir): a folder for a whole prompt file, else one .mp4."""
+    job_id = _get(env, "JOB_ID") or "local"
+    if prompt_file and prompt_line is None:
+        return None, _get(env, "OUTPUT_DIR") or os.path.join("outputs", f"inference_{job_id}")
+    if prompt_line is not None and not _get(env, "OUTPUT_PATH"):
+        return rules.output_file(_get(env, "OUTPUT_DIR") or "outputs", prompt_line, prompt), None
+    output_path = _get(env, "OUTPUT_PATH") or os.path.join("outputs", f"inference_{job_id}.mp4")
+    return rules.check_output_path("OUTPUT_PATH", output_path), None
+
+
+def _sample_argv(launch: Launch, values: dict, lora: str, env) -> List[str]:
+    """The sample_video arguments of a resolved job."""
+    argv = ["--base", launch.job_yaml, "--generate-type", launch.generate_type, "--num-frames",
+            str(launch.num_frames), "--sampling-fps", str(launch.fps), "--dtype", launch.dtype]
+    if launch.prompt_file and launch.prompt_line is None:
+        argv += ["--input-type", "txt", "--input-file", launch.prompt_file, "--output-dir", launch.output_dir,
+                 "--seed", str(launch.seed)]
+    else:
+        # A line of a file keeps the seed it has in a sharded run of the whole file (seed + 1000·line).
+        argv += ["--prompt", launch.prompt, "--output-path", launch.output_path, "--seed",
+                 str(rules.line_seed(launch.seed, launch.prompt_line or 0))]
+    options = [("--image-or-video-path", launch.media or None), ("--num-steps", values["num_steps"]),
+               ("--guidance-scale", values["guidance"]), ("--sampler", values["sampler"] or None),
+               ("--strength", values["strength"]), ("--lora-path", lora or None),
+               ("--device", _get(env, "DEVICE") or None)]
+    argv += [a for flag, value in options if value is not None for a in (flag, str(value))]
+    return argv + (["--overwrite"] if _flag(env, "OVERWRITE") else ["--skip-existing"])
 
 
 def resolve(env: Mapping[str, str], write_yaml: bool = True) -> Launch:
@@ -380,127 +445,16 @@ def resolve(env: Mapping[str, str], write_yaml: bool = True) -> Launch:
     folder = find_model_folder(_get(env, "MODEL_PATH"), _get(env, "T5_PATH"), _get(env, "VAE_PATH"))
     detected = detect_from_state_dict(read_checkpoint_state(folder.checkpoint))
     profile = resolve_profile(detected, _get(env, "FAMILY"), _get(env, "MODEL_CONFIG"))
-
-    # generation type
-    gtype = _get(env, "GENERATE_TYPE").lower() or ("i2v" if profile.i2v else "t2v")
-    if gtype not in GENERATE_TYPES:
-        raise UserError(f"GENERATE_TYPE={gtype!r} is not one of t2v, i2v, v2v")
-    if profile.i2v and gtype == "t2v":
-        notes.append(f"{profile.name} is an image-to-video model: GENERATE_TYPE t2v -> i2v")
-        gtype = "i2v"
-    if profile.i2v and gtype == "v2v":
-        raise UserError(f"v2v needs a text-to-video model but MODEL_PATH holds {profile.name} (an I2V model): use "
-                        f"a T2V model (CogVideoX-2b/-5b/1.5-5b) or GENERATE_TYPE=i2v with an image")
-    if gtype == "i2v" and not profile.i2v:
-        raise UserError(f"i2v needs an I2V model but MODEL_PATH holds {profile.name} (text-to-video): use a "
-                        f"CogVideoX-5b-I2V or CogVideoX1.5-5b-I2V folder, or GENERATE_TYPE=t2v/v2v")
-
-    # prompts
-    prompt, prompt_file, prompt_line = _get(env, "PROMPT") or None, _get(env, "PROMPT_FILE") or None, None
-    media = _get(env, "IMAGE_OR_VIDEO_PATH")
-    line_media_ok = False
-    if prompt_file:
-        lines = prompt_lines(prompt_file)
-        if not lines:
-            raise UserError(f"PROMPT_FILE {prompt_file!r} has no prompts (all lines are empty)")
-        line_no = _int(env, "PROMPT_LINE", minimum=0)
-        if line_no is not None:  # one line of the file (an array element): becomes a single prompt
-            texts = dict(lines)
-            if line_no not in texts:
-                raise UserError(f"PROMPT_LINE={line_no} (0-based) is not a non-empty line of {prompt_file} "
-                                f"(it has {len(lines)} prompts on lines {lines[0][0]}..{lines[-1][0]})")
-            prompt, prompt_line = texts[line_no], line_no
-        elif gtype != "t2v":
-            line_media_ok = all("@@" in text for _, text in lines)
-    if prompt is not None and "@@" in prompt:
-        text, _, path = prompt.partition("@@")
-        prompt, media = text.strip(), media or path.strip()
-    if not prompt and not prompt_file:
-        raise UserError("PROMPT is empty: give a prompt (PROMPT=... or the first argument) or PROMPT_FILE")
-
-    # media
-    if gtype == "t2v":
-        if media:
-            notes.append(f"t2v ignores IMAGE_OR_VIDEO_PATH={media}")
-        media = ""
-    elif not line_media_ok:
-        where = f"{profile.name}, GENERATE_TYPE={gtype}"
-        media = _check_media(gtype, media, where)
-
-    # frames, fps, dtype: the family's values unless set
-    num_frames = _int(env, "NUM_FRAMES")
-    if num_frames is None:
-        num_frames = profile.num_frames
-    elif num_frames not in profile.allowed_frames:
-        allowed = " or ".join(str(a) for a in sorted(profile.allowed_frames, reverse=True))
-        form = "" if (num_frames - 1) % 4 == 0 and num_frames > 0 else " (frame counts are 4N+1)"
-        raise UserError(f"NUM_FRAMES={num_frames} is not allowed for {profile.name}{form}: use {allowed}")
-    fps = _int(env, "FPS", minimum=1) or profile.fps
-    dtype_text = _get(env, "DTYPE").lower()
-    if dtype_text and dtype_text not in DTYPE_NAMES:
-        raise UserError(f"DTYPE={dtype_text!r} is not one of float16, bfloat16, float32")
-    dtype = DTYPE_NAMES[dtype_text] if dtype_text else profile.dtype
-    if dtype == "float16" and profile.dtype == "bfloat16":
-        notes.append(f"{profile.name} in float16 often gives black or NaN videos: DTYPE=bfloat16 is its dtype")
-    num_steps = _int(env, "NUM_STEPS", minimum=1)
-    guidance = _float(env, "GUIDANCE_SCALE")
-    if guidance is not None and guidance < 0:
-        raise UserError(f"GUIDANCE_SCALE={guidance} must not be negative (the guide uses 5-10)")
-    seed = _int(env, "SEED")
-    seed = 42 if seed is None else seed
-    strength = _float(env, "STRENGTH")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise UserError(f"STRENGTH={strength} must be between 0 and 1")
-    sampler = _get(env, "SAMPLER").lower()
-    if sampler and sampler not in SAMPLER_NAMES:
-        raise UserError(f"SAMPLER={sampler!r} is not one of dpm, ddim")
-    lora = _get(env, "LORA_PATH")
-    if lora:
-        if not os.path.isdir(lora):
-            raise UserError(f"LORA_PATH {lora!r} is not a folder: give the SAT LoRA checkpoint folder (with 'latest')")
-        _transformer_file(lora, "LORA_PATH")
-        lora = os.path.abspath(lora)
-
-    # outputs
-    job_id = _get(env, "JOB_ID") or "local"
-    output_path = output_dir = None
-    if prompt_file and prompt_line is None:
-        output_dir = _get(env, "OUTPUT_DIR") or os.path.join("outputs", f"inference_{job_id}")
-    elif prompt_line is not None and not _get(env, "OUTPUT_PATH"):
-        output_path = output_for_line(_get(env, "OUTPUT_DIR") or "outputs", prompt_line, prompt)
-    else:
-        output_path = _get(env, "OUTPUT_PATH") or os.path.join("outputs", f"inference_{job_id}.mp4")
-        if not output_path.lower().endswith(".mp4"):
-            raise UserError(f"OUTPUT_PATH {output_path!r} must end in .mp4")
-    job_yaml = _get(env, "JOB_YAML") or os.path.join("logs", f"inference-{job_id}.yaml")
-
-    launch = Launch(folder, profile, gtype, num_frames, fps, dtype, seed, media, prompt, prompt_file, prompt_line,
-                    output_path, output_dir, job_yaml, notes=notes)
-    argv = ["--base", job_yaml, "--generate-type", gtype, "--num-frames", str(num_frames),
-            "--sampling-fps", str(fps), "--dtype", dtype]
-    if prompt_file and prompt_line is None:
-        argv += ["--input-type", "txt", "--input-file", prompt_file, "--output-dir", output_dir, "--seed", str(seed)]
-    else:
-        # A line of a file keeps the seed it has in a sharded run of the whole file (seed + 1000·line).
-        line_seed = seed + SEED_STRIDE * (prompt_line or 0)
-        argv += ["--prompt", prompt, "--output-path", output_path, "--seed", str(line_seed)]
-    if media:
-        argv += ["--image-or-video-path", media]
-    if num_steps is not None:
-        argv += ["--num-steps", str(num_steps)]
-    if guidance is not None:
-        argv += ["--guidance-scale", str(guidance)]
-    if sampler:
-        argv += ["--sampler", sampler]
-    if strength is not None:
-        argv += ["--strength", str(strength)]
-    if lora:
-        argv += ["--lora-path", lora]
-    device = _get(env, "DEVICE")
-    if device:
-        argv += ["--device", device]
-    argv += ["--overwrite"] if _flag(env, "OVERWRITE") else ["--skip-existing"]
-    launch.argv = argv
+    gtype = _generate_type(env, profile, notes)
+    prompt, prompt_file, prompt_line, media, line_media = _prompts(env, gtype)
+    media = _media(gtype, media, line_media, profile, notes)
+    values = _sampling(env, profile, notes)
+    lora = _lora(env)
+    output_path, output_dir = _outputs(env, prompt, prompt_file, prompt_line)
+    job_yaml = _get(env, "JOB_YAML") or os.path.join("logs", f"inference-{_get(env, 'JOB_ID') or 'local'}.yaml")
+    launch = Launch(folder, profile, gtype, values["num_frames"], values["fps"], values["dtype"], values["seed"],
+                    media, prompt, prompt_file, prompt_line, output_path, output_dir, job_yaml, notes=notes)
+    launch.argv = _sample_argv(launch, values, lora, env)
     if write_yaml:
         write_job_yaml(launch)
     return launch
@@ -554,7 +508,7 @@ def pending_lines(prompt_file: str, output_dir: str) -> List[Tuple[int, str, str
     """(line, prompt, output, done) for each non-empty line of ``prompt_file``."""
     rows = []
     for cnt, text in prompt_lines(prompt_file):
-        out = output_for_line(output_dir, cnt, text.split("@@")[0].strip())
+        out = rules.output_file(output_dir, cnt, text.split("@@")[0].strip())
         rows.append((cnt, text, out, os.path.exists(out)))
     return rows
 

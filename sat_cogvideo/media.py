@@ -8,14 +8,14 @@ never leaves a truncated output under the final name.
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sat_cogvideo.atomic import atomic_path, atomic_torch_save, atomic_write_text  # noqa: F401 (re-exported)
+from sat_cogvideo.atomic import atomic_path
 from sat_cogvideo.errors import UserError
+from sat_cogvideo.families import get_generation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -97,12 +97,6 @@ def read_video(path: str, max_frames: int | None = None) -> tuple[np.ndarray, fl
     return np.stack(frames), fps
 
 
-def count_video_frames(path: str) -> int:
-    """Number of decodable frames of ``path`` (decodes the file; used by input validation)."""
-    frames, _ = read_video(path)
-    return len(frames)
-
-
 # --------------------------------------------------------------------------------------------------
 # resize rules
 
@@ -166,21 +160,30 @@ def resize_cover_crop_pil(img, height: int, width: int):
     return img.crop((left, top, left + width, top + height))
 
 
-def load_i2v_image(path: str, generation: str, height: int | None = None, width: int | None = None) -> torch.Tensor:
+def _cover_crop_bicubic(img, height: int, width: int) -> torch.Tensor:
+    return resize_cover_crop_bicubic(pil_to_tensor(img), height, width)
+
+
+def _lanczos(img, height: int, width: int) -> torch.Tensor:
+    return pil_to_tensor(resize_lanczos(img, height, width))
+
+
+# ``Generation.i2v_resize`` -> PIL image, height, width -> [3, H, W] in [0, 1]
+I2V_RESIZE = {"cover_crop_bicubic": _cover_crop_bicubic, "lanczos": _lanczos}
+
+
+def load_i2v_image(path: str, generation, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """Read the I2V conditioning image as the original does: ``[1, 3, 1, H, W]`` float32 in [-1, 1].
 
-    ``generation`` "1.0": cover-resize + centre crop to ``height``×``width`` (480×720), bicubic.
-    ``generation`` "1.5": short side 768 px, long side the aspect ratio rounded to 16 px, LANCZOS; the
-    size comes from :func:`i2v_15_latent_size` unless ``height``/``width`` are given.
+    ``generation`` ("1.0", "1.5" or a ``families.Generation``) picks the resize (``Generation.i2v_resize``):
+    1.0 cover-resize + centre crop to ``height``×``width`` (480×720), bicubic; 1.5 LANCZOS to the size, by
+    default short side 768 px and long side the aspect ratio rounded to 16 px (:func:`i2v_15_latent_size`).
     """
     img = read_image(path)
-    if generation == "1.5":
-        if height is None or width is None:
-            h, w = i2v_15_latent_size(*img.size)
-            height, width = 8 * h, 8 * w
-        x = pil_to_tensor(resize_lanczos(img, height, width))
-    else:
-        x = resize_cover_crop_bicubic(pil_to_tensor(img), height, width)
+    if height is None or width is None:
+        h, w = i2v_15_latent_size(*img.size)
+        height, width = 8 * h, 8 * w
+    x = I2V_RESIZE[get_generation(generation).i2v_resize](img, height, width)
     return (x * 2.0 - 1.0).unsqueeze(0).unsqueeze(2)
 
 
@@ -196,10 +199,3 @@ def load_v2v_video(path: str, num_frames: int, height: int, width: int) -> torch
     out = [pil_to_tensor(resize_cover_crop_pil(Image.fromarray(f), height, width)) for f in frames]
     x = torch.stack(out, dim=1)  # [3, F, H, W]
     return (x * 2.0 - 1.0).unsqueeze(0)
-
-
-def frames_as_pil(video: Sequence) -> list:
-    """``[F, H, W, 3]`` uint8 frames -> list of PIL images (for diffusers pipelines)."""
-    from PIL import Image
-
-    return [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in video]

@@ -29,16 +29,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
+from sat_cogvideo import rules
 from sat_cogvideo.errors import UserError, run_cli
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v")
-SAMPLERS = {
-    "dpm": "sgm.modules.diffusionmodules.sampling.VPSDEDPMPP2MSampler",
-    "ddim": "sgm.modules.diffusionmodules.sampling.VideoDDIMSampler",
-}
-DTYPES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "fp16": "fp16", "half": "fp16",
-          "bfloat16": "bf16", "bf16": "bf16"}
+from sat_cogvideo.rules import (DTYPE_ALIASES, IMAGE_EXTS, SAMPLERS, max_sampling_steps,  # noqa: F401 (re-exported)
+                                read_prompt_file, seed_for)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +61,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--sampler", type=str, default=None, choices=sorted(SAMPLERS),
                    help="dpm: VPSDEDPMPP2MSampler (the configs'), ddim: VideoDDIMSampler")
     g.add_argument("--strength", type=float, default=0.8, help="v2v: 0 keeps the input video, 1 ignores it")
-    g.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES),
+    g.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPE_ALIASES),
                    help="model dtype (default: the config's fp16/bf16 flags)")
     g.add_argument("--lora-path", type=str, default=None,
                    help="a SAT LoRA checkpoint folder (with 'latest'); its LoRA factors are merged into the model")
@@ -125,61 +119,68 @@ def _compressed_frames(model_config) -> int:
 
 
 def allowed_video_frames(model_config, detected) -> List[int]:
-    """Video frame counts this model can generate."""
+    """Video frame counts this model can generate: the released family's, else what the config's position grid
+    and the generation's decode allow (``Generation.allowed_video_frames``)."""
+    from sat_cogvideo.families import get_generation
+
     if detected.family is not None:
         return list(detected.family.allowed_num_frames())
-    max_t = _compressed_frames(model_config)
-    if detected.generation == "1.0":
-        return [4 * (t - 1) + 1 for t in range(max_t, 0, -2) if t >= 3]  # odd latent counts
-    # 1.5: the padded latent count T = (F-1)/4 + 2 must be even and T/2 <= the RoPE grid
-    return [4 * (t - 2) + 1 for t in range(2 * max_t, 3, -2)]
+    return get_generation(detected.generation).allowed_video_frames(_compressed_frames(model_config))
 
 
 def video_to_latent_frames(num_frames: int, generation: str) -> int:
-    if generation == "1.5":
-        return (num_frames - 1) // 4 + 2
-    return (num_frames - 1) // 4 + 1
+    """``Generation.latent_frames`` by generation name (the original's ``sampling_num_frames``)."""
+    from sat_cogvideo.families import get_generation
+
+    return get_generation(generation).latent_frames(num_frames)
 
 
 def latent_to_video_frames(latents: int, generation: str) -> int:
-    if generation == "1.5":
-        return 4 * (latents - 2) + 1
-    return 4 * (latents - 1) + 1
+    """``Generation.video_frames`` by generation name."""
+    from sat_cogvideo.families import get_generation
+
+    return get_generation(generation).video_frames(latents)
+
+
+def _model_name(detected) -> str:
+    return detected.family.name if detected.family is not None else f"this {detected.generation} model"
 
 
 def check_num_frames(num_frames: int, model_config, detected, flag: str = "--num-frames") -> int:
-    """Video frames -> latent frames, or a UserError naming the allowed values."""
-    allowed = allowed_video_frames(model_config, detected)
-    name = detected.family.name if detected.family is not None else f"this {detected.generation} model"
-    allowed_text = " or ".join(str(a) for a in sorted(allowed, reverse=True))
-    if num_frames < 1 or (num_frames - 1) % 4:
-        raise UserError(f"{flag} {num_frames} is not of the form 4N+1 (the VAE compresses time by 4): "
-                        f"use {allowed_text} for {name}")
-    if num_frames not in allowed:
-        raise UserError(f"{flag} {num_frames} is not allowed for {name}: use {allowed_text}")
+    """Video frames -> latent frames, or a UserError naming the allowed values (in video frames)."""
+    rules.check_video_frames(flag, num_frames, allowed_video_frames(model_config, detected), _model_name(detected))
     return video_to_latent_frames(num_frames, detected.generation)
 
 
-def slugify(text: str) -> str:
-    """Folder name part of a prompt, as the original: spaces -> '_', '/' removed, first 120 characters."""
-    return text.replace(" ", "_").replace("/", "")[:120]
+def check_latent_frames(latents: int, model_config, detected, flag: str = "--sampling-num-frames") -> int:
+    """The original's ``sampling_num_frames`` (latent frames) checked; a UserError names the allowed values in
+    latent frames, the unit of the option, with their video frame counts."""
+    allowed = sorted(allowed_video_frames(model_config, detected), reverse=True)
+    latent_allowed = [video_to_latent_frames(a, detected.generation) for a in allowed]
+    if latents not in latent_allowed:
+        raise UserError(f"{flag} {latents} is not allowed for {_model_name(detected)}: it counts latent frames, use "
+                        f"{' or '.join(map(str, latent_allowed))} (= {' or '.join(map(str, allowed))} video "
+                        f"frames), or give --num-frames in video frames")
+    return latents
+
+
+def _latent_frames_flag(args) -> str:
+    """How the user gave ``sampling_num_frames``: on the command line, or in a --base YAML."""
+    yaml_args = (getattr(args, "config", None) or {}).get("args") or {}
+    if "sampling_num_frames" in yaml_args and int(yaml_args["sampling_num_frames"]) == int(args.sampling_num_frames):
+        return "sampling_num_frames:"  # as written in the YAML
+    return "--sampling-num-frames"
 
 
 def output_files(args, job: Job, batch_size: int) -> List[str]:
-    name = "latent.pt" if args.only_save_latents else "000000.mp4"
-    if args.output_path:
-        base, ext = os.path.splitext(args.output_path)
-        if args.only_save_latents:
-            ext = ".pt"
-        if batch_size == 1:
-            return [base + ext]
-        return [f"{base}_{i}{ext}" for i in range(batch_size)]
-    folder = os.path.join(args.output_dir, f"{job.cnt}_{slugify(job.text)}")
-    return [os.path.join(folder, str(i), name) for i in range(batch_size)]
+    """The files of one job's batch (:func:`sat_cogvideo.rules.batch_outputs`)."""
+    return rules.batch_outputs(args.output_path, args.output_dir, job.cnt, job.text, batch_size,
+                               latents=bool(args.only_save_latents))
 
 
 def read_prompt_lines(args) -> Iterator[tuple]:
-    """(text, line counter) for this data-parallel rank, as the original: every line counts, empty ones too."""
+    """(text, line counter) for this data-parallel rank: ``--prompt``, the lines of ``input_file`` (txt) or of
+    stdin (cli).  Blank lines are skipped but counted, so the counter is the 0-based line number."""
     from sat_cogvideo.distributed import data_parallel_rank_and_size
 
     rank, world = data_parallel_rank_and_size()
@@ -188,40 +189,29 @@ def read_prompt_lines(args) -> Iterator[tuple]:
             yield args.prompt.strip(), 0
         return
     if args.input_type == "txt":
-        with open(args.input_file, "r", encoding="utf-8") as f:
-            for cnt, line in enumerate(f):
-                if cnt % world == rank:
-                    yield line.strip(), cnt
+        for cnt, text in read_prompt_file(args.input_file)[0]:
+            if cnt % world == rank:
+                yield text, cnt
     elif args.input_type == "cli":
         cnt = 0
         while True:
             try:
-                text = input("Please input English text (Ctrl-D quit): ")
+                text = input("Please input English text (Ctrl-D quit): ").strip()
             except EOFError:
                 return
-            yield text.strip(), cnt
+            if text:
+                yield text, cnt
             cnt += 1
     else:
         raise UserError(f"input_type {args.input_type!r} is not supported: use txt or cli")
 
 
-def _split_media(text: str, default_media: Optional[str], where: str):
-    if "@@" in text:
-        parts = text.split("@@")
-        if len(parts) != 2:
-            raise UserError(f"{where}: more than one '@@' in {text[:60]!r}: use 'prompt@@path'")
-        return parts[0].strip(), parts[1].strip()
-    return text, default_media
-
-
-def _check_media(path: str, kind: str, where: str, need_frames: int = 0):
+def _check_media(path: Optional[str], kind: str, where: str, need_frames: int = 0) -> None:
+    """The path rules (:func:`sat_cogvideo.rules.check_media_path`), then the file is opened: an image that
+    decodes, a video with at least ``need_frames`` frames."""
     from sat_cogvideo import media
 
-    if not path:
-        raise UserError(f"{where}: {kind} needs an {'image' if kind == 'i2v' else 'input video'}: "
-                        f"give --image-or-video-path or write 'prompt@@path'")
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: {'image' if kind == 'i2v' else 'video'} {path!r} does not exist")
+    rules.check_media_path(kind, path, "--image-or-video-path", where)
     if kind == "i2v":
         media.read_image(path)
     else:
@@ -242,7 +232,13 @@ def _check_writable(folder: str, what: str):
         raise UserError(f"{what} {folder!r} is not writable ({err.strerror or err}): choose another folder") from None
 
 
+def explicit(args, dest: str) -> bool:
+    """Whether option ``dest`` was given on the command line (``get_args`` keeps them in ``args.explicit``)."""
+    return dest in getattr(args, "explicit", ())
+
+
 def guess_generate_type(args, detected, media_path: Optional[str]) -> str:
+    """``--generate-type``, else i2v for I2V models, else v2v/i2v/t2v from the media path."""
     if args.generate_type:
         return args.generate_type
     if detected.i2v or args.image2video:
@@ -250,6 +246,32 @@ def guess_generate_type(args, detected, media_path: Optional[str]) -> str:
     if media_path:
         return "i2v" if media_path.lower().endswith(IMAGE_EXTS) and not media_path.lower().endswith(".gif") else "v2v"
     return "t2v"
+
+
+def _generate_type(args, detected) -> str:
+    """The generation type, checked against the model of the --base config."""
+    probe_media = args.image_or_video_path
+    if probe_media is None and args.prompt is not None and "@@" in args.prompt:
+        probe_media = args.prompt.split("@@")[-1].strip()
+    gtype = guess_generate_type(args, detected, probe_media)
+    model = detected.family.name if detected.family else f"this {'I2V' if detected.i2v else 'T2V'} model"
+    rules.check_generate_type(gtype, detected.i2v, model, "--base",
+                              use_t2v="use --generate-type i2v with an image, or a T2V model config (e.g. "
+                                      "configs/cogvideox_5b.yaml)",
+                              use_i2v="use configs/cogvideox_5b_i2v.yaml or cogvideox1.5_5b_i2v.yaml")
+    return gtype
+
+
+def _check_outputs(args) -> None:
+    """The output file or folder: a writable place, the right extension, one of --skip-existing/--overwrite."""
+    if args.output_path:
+        if not args.only_save_latents:
+            rules.check_output_path("--output-path", args.output_path)
+        _check_writable(os.path.dirname(args.output_path) or ".", "output folder")
+    else:
+        _check_writable(args.output_dir, "output_dir")
+    if args.skip_existing and args.overwrite:
+        raise UserError("give only one of --skip-existing and --overwrite")
 
 
 def build_plan(args) -> Plan:
@@ -261,95 +283,110 @@ def build_plan(args) -> Plan:
         raise UserError("no model: section: pass the model config with --base, e.g. "
                         "--base configs/cogvideox_5b.yaml configs/inference.yaml")
     detected = detect_from_model_config(mc)
-    generation = detected.generation
-
-    # generation type vs model family
-    probe_media = args.image_or_video_path
-    if probe_media is None and args.prompt is not None and "@@" in args.prompt:
-        probe_media = args.prompt.split("@@")[-1].strip()
-    gtype = guess_generate_type(args, detected, probe_media)
-    model_name = detected.family.name if detected.family else f"this {'I2V' if detected.i2v else 'T2V'} model"
-    if detected.i2v and gtype != "i2v":
-        raise UserError(f"{model_name} is an image-to-video model and cannot do {gtype}: use --generate-type i2v "
-                        f"with an image, or a T2V model config (e.g. configs/cogvideox_5b.yaml)")
-    if gtype == "i2v" and not detected.i2v:
-        raise UserError(f"i2v needs an I2V model, but {model_name} is text-to-video (in_channels "
-                        f"{detected.in_channels}): use configs/cogvideox_5b_i2v.yaml or cogvideox1.5_5b_i2v.yaml")
-    if gtype == "v2v" and detected.ofs:
-        raise UserError(f"v2v runs with a T2V model; {model_name} is not one")
-    if not 0.0 <= args.strength <= 1.0:
-        raise UserError(f"--strength {args.strength} is outside [0, 1]")
-    if args.num_steps is not None and args.num_steps < 1:
-        raise UserError(f"--num-steps {args.num_steps} must be at least 1")
-
-    # frames
+    gtype = _generate_type(args, detected)
+    check_numbers(args, mc)
     if args.num_frames is not None:
         latent_frames = check_num_frames(args.num_frames, mc, detected)
     else:
-        latent_frames = int(args.sampling_num_frames)
-        check_num_frames(latent_to_video_frames(latent_frames, generation), mc, detected,
-                         flag=f"sampling_num_frames {latent_frames} (latent) means video frames")
-    video_frames = latent_to_video_frames(latent_frames, generation)
-
-    # resolution
-    lat_h, lat_w = _max_latent_hw(mc)
-    if generation == "1.0":
-        height, width = 8 * lat_h, 8 * lat_w  # the 1.0 models only work at their configured size (480x720)
-    elif gtype == "i2v" and not _explicit_size(args):
-        height = width = None  # from the image
-    else:
-        height, width = (int(v) for v in args.sampling_image_size)
-        if height % 16 or width % 16:
-            raise UserError(f"sampling_image_size {height}x{width} is not a multiple of 16 pixels: "
-                            f"use e.g. {16 * round(height / 16)}x{16 * round(width / 16)}")
-        if height > 8 * lat_h or width > 8 * lat_w:
-            raise UserError(f"sampling_image_size {height}x{width} exceeds the model's maximum "
-                            f"{8 * lat_h}x{8 * lat_w} pixels")
-    fps = int(args.sampling_fps)
-    if getattr(args, "_explicit_channels", False) and int(args.latent_channels) != latent_channels(args):
+        latent_frames = check_latent_frames(int(args.sampling_num_frames), mc, detected, _latent_frames_flag(args))
+    video_frames = latent_to_video_frames(latent_frames, detected.generation)
+    height, width = check_image_size(args, mc, detected, gtype)
+    if explicit(args, "latent_channels") and int(args.latent_channels) != latent_channels(args):
         raise UserError(f"latent_channels {args.latent_channels} does not match the model's out_channels "
                         f"{latent_channels(args)}")
+    _check_outputs(args)
+    jobs = plan_jobs(args, gtype, video_frames, height is None)
+    return Plan(gtype, detected.generation, detected.family, latent_frames, video_frames, height, width,
+                int(args.sampling_fps), jobs)
 
-    # outputs
-    if args.output_path:
-        if not args.output_path.lower().endswith(".mp4") and not args.only_save_latents:
-            raise UserError(f"--output-path {args.output_path!r} must end in .mp4")
-        if args.prompt is None and args.input_type != "txt":
-            pass
-        _check_writable(os.path.dirname(args.output_path) or ".", "output folder")
+
+def check_numbers(args, model_config) -> None:
+    """Ranges of the numeric options, checked before any weight is loaded."""
+    if args.num_steps is not None:
+        rules.check_num_steps("--num-steps", args.num_steps, max_sampling_steps(model_config))
+    if args.guidance_scale is not None:
+        rules.check_guidance_scale("--guidance-scale", args.guidance_scale)
+    rules.check_strength("--strength", args.strength)
+    if args.lora_scale is not None:
+        rules.check_finite("--lora-scale", args.lora_scale)
+    rules.check_at_least("--batch-size", args.batch_size, 1)
+    rules.check_at_least("--sampling-fps", args.sampling_fps, 1)
+    if args.vae_tiling:
+        _check_tile_size(args.vae_tile_size, model_config)
+
+
+def _note_blank_lines(path: str) -> None:
+    from sat_cogvideo.distributed import data_parallel_rank_and_size
+
+    blank = read_prompt_file(path)[1]
+    if blank and data_parallel_rank_and_size()[0] == 0:
+        _log(f"note: skipping {blank} blank line{'s' if blank > 1 else ''} of {path} (the other lines keep their "
+             f"numbers in output names and seeds)")
+
+
+def check_image_size(args, model_config, detected, gtype: str) -> tuple:
+    """The video size (pixels) to generate, or a UserError naming a size that is accepted.
+
+    1.0 models only work at their configured size (``latent_height`` x ``latent_width`` times 8; 480x720 for the
+    released ones): an explicit ``--sampling-image-size`` must be that size, and a different YAML value is ignored
+    with a note, as the original ignores it.  1.5 models take any multiple of 16 within the RoPE grid;
+    1.5 I2V takes the size from the image unless it is given.  Returns ``(None, None)`` for "from the image"."""
+    lat_h, lat_w = _max_latent_hw(model_config)
+    most = (8 * lat_h, 8 * lat_w)
+    size = tuple(int(v) for v in args.sampling_image_size)
+    given = explicit(args, "sampling_image_size")
+    flag = "--sampling-image-size" if given else "sampling_image_size:"
+    if detected.generation == "1.0":
+        if given:
+            rules.check_fixed_size(flag, size, most, _model_name(detected))
+        elif size != most and "sampling_image_size" in ((getattr(args, "config", None) or {}).get("args") or {}):
+            _log(f"note: {flag} {size[0]}x{size[1]} of the --base YAML is ignored: {_model_name(detected)} "
+                 f"generates {most[0]}x{most[1]}")
+        return most
+    if gtype == "i2v" and not given:
+        return None, None  # from the image
+    return rules.check_free_size(flag, size, most)
+
+
+def _plan_job(args, text: str, cnt: int, where: str, gtype: str, video_frames: int, size_from_image: bool) -> Job:
+    """One prompt line checked: its text and media, and its output files."""
+    text, media_path = rules.split_prompt(text, args.image_or_video_path, where)
+    if gtype == "t2v":
+        media_path = None
     else:
-        _check_writable(args.output_dir, "output_dir")
-    if args.skip_existing and args.overwrite:
-        raise UserError("give only one of --skip-existing and --overwrite")
+        _check_media(media_path, gtype, where, need_frames=video_frames)
+        if gtype == "i2v" and size_from_image:
+            from sat_cogvideo import media
 
-    # prompts
+            i2v15_pixel_size(media.read_image(media_path).size, args.model_config, media_path)
+    job = Job(text, cnt, media_path)
+    job.outputs = output_files(args, job, int(args.batch_size))
+    return job
+
+
+def plan_jobs(args, gtype: str, video_frames: int, size_from_image: bool) -> List[Job]:
+    """The prompts of ``--prompt`` or the txt file for this rank, each checked (text, media, outputs); empty for
+    stdin, whose prompts are checked as they come."""
     if args.prompt is None and args.input_type == "txt" and not os.path.isfile(args.input_file):
         raise UserError(f"input_file {args.input_file!r} does not exist: give a prompt file (one prompt per line) "
                         f"or --prompt")
-    jobs: List[Job] = []
-    if args.prompt is not None or args.input_type == "txt":
-        where_file = "--prompt" if args.prompt is not None else args.input_file
-        for text, cnt in read_prompt_lines(args):
-            where = where_file if args.prompt is not None else f"{where_file} line {cnt + 1}"
-            text, media_path = _split_media(text, args.image_or_video_path, where)
-            if gtype == "t2v":
-                media_path = None
-            else:
-                _check_media(media_path, gtype, where, need_frames=video_frames)
-                if gtype == "i2v" and generation == "1.5" and height is None:
-                    from sat_cogvideo import media as _media
-                    i2v15_pixel_size(_media.read_image(media_path).size, mc, media_path)
-            job = Job(text, cnt, media_path)
-            job.outputs = output_files(args, job, int(args.batch_size))
-            jobs.append(job)
-        if args.output_path and len(jobs) > 1:
-            raise UserError(f"--output-path writes one video but {args.input_file} has {len(jobs)} prompts: "
-                            f"use --output-dir instead")
-        for job in jobs:
-            for out in job.outputs:
-                if os.path.exists(out) and not (args.skip_existing or args.overwrite):
-                    raise UserError(f"output {out} exists: pass --skip-existing to keep it or --overwrite to replace it")
-    return Plan(gtype, generation, detected.family, latent_frames, video_frames, height, width, fps, jobs)
+    if args.prompt is not None:
+        rules.split_prompt(args.prompt.strip(), None, "--prompt")  # an empty prompt fails on every rank
+    elif args.input_type == "txt":
+        _note_blank_lines(args.input_file)
+    if args.prompt is None and args.input_type != "txt":
+        return []
+    jobs = [_plan_job(args, text, cnt, "--prompt" if args.prompt is not None else f"{args.input_file} line {cnt + 1}",
+                      gtype, video_frames, size_from_image) for text, cnt in read_prompt_lines(args)]
+    if args.output_path and len(jobs) > 1:
+        raise UserError(f"--output-path writes one video but {args.input_file} has {len(jobs)} prompts: "
+                        f"use --output-dir instead")
+    for job in jobs:
+        for out in job.outputs:
+            if os.path.exists(out) and not (args.skip_existing or args.overwrite):
+                raise UserError(f"output {out} exists: pass --skip-existing to keep it or --overwrite to "
+                                f"replace it")
+    return jobs
 
 
 def i2v15_pixel_size(image_size, model_config, path: str = "image") -> tuple:
@@ -371,10 +408,6 @@ def latent_channels(args) -> int:
     """C of the sampled latent: the DiT's out_channels (the original read ``latent_channels``, whose parser
     default 32 is wrong for every model; a conflicting explicit value is an error, see build_plan)."""
     return int(_net_params(args.model_config).get("out_channels", 16))
-
-
-def _explicit_size(args) -> bool:
-    return bool(getattr(args, "_explicit_size", False))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,14 +447,13 @@ def apply_overrides(args) -> None:
 
 def _set_dtype(args):
     if args.dtype:
-        d = DTYPES[args.dtype]
-        args.fp16, args.bf16 = d == "fp16", d == "bf16"
+        d = DTYPE_ALIASES[args.dtype]
+        args.fp16, args.bf16 = d == "float16", d == "bfloat16"
 
 
 def build_engine(args):
     """Engine from ``args.model_config``, cast to the model dtype (DiT, T5 and VAE alike, as SAT's
     ``get_model``), transformer weights loaded from ``args.load``."""
-    import torch
     from sat_cogvideo.diffusion_video import SATVideoDiffusionEngine
 
     model = SATVideoDiffusionEngine(args)
@@ -438,82 +470,88 @@ def build_engine(args):
     return model
 
 
-def _read_sat_checkpoint(folder: str) -> dict:
-    """The weights of a SAT checkpoint folder (``latest`` + ``<iter>/mp_rank_00_model_states.pt``).
-
-    Read with ``weights_only``; DeepSpeed finetune checkpoints also pickle optimizer/RNG objects, so a refused
-    file is read again with full unpickling (the user's own checkpoint) and a warning."""
+def read_dit_checkpoint(folder: str, what: str = "checkpoint") -> dict:
+    """The DiT weights (``model.diffusion_model.*``, prefix removed) of a SAT checkpoint folder, loaded weights-only
+    (pickled objects only with ``--trust-pickle``); T5/VAE keys of finetune checkpoints are left out."""
     from sat_cogvideo import checkpoint as ckpt
 
-    try:
-        return ckpt.read_state_dict(ckpt.load_checkpoint_file(folder))
-    except UserError as err:
-        if "weights-only" not in str(err):
-            raise
-    warnings.warn(f"{folder}: the checkpoint holds pickled Python objects besides the weights; loading it fully")
-    return ckpt.read_state_dict(ckpt.load_checkpoint_file(folder, allow_pickle=True))
+    sd = ckpt.read_state_dict(ckpt.load_checkpoint_file(folder))
+    dit = {k[len(ckpt.SAT_PREFIX):]: v for k, v in sd.items() if k.startswith(ckpt.SAT_PREFIX)}
+    if not dit:
+        raise UserError(f"{what} {folder} has no model.diffusion_model.* keys: is it a CogVideoX SAT transformer "
+                        f"folder?")
+    return dit
 
 
-DIT_PREFIX = "model.diffusion_model."
+def preflight_weights(args) -> None:
+    """Check every weight file the run will read before any is loaded: the transformer checkpoint (memory-mapped,
+    weights-only, its model against the config), the LoRA run, ``3d-vae.pt`` and the T5 folder."""
+    from omegaconf import OmegaConf
+
+    from sat_cogvideo import checkpoint as ckpt
+    from sat_cogvideo.families import check_checkpoint_fits_config, detect_from_model_config, detect_from_state_dict
+    from sat_cogvideo.vae_modules import read_vae_checkpoint
+    from sgm.modules.encoders.modules import check_t5_folder
+
+    mc = args.model_config
+    if args.load:
+        file = ckpt.checkpoint_file(args.load)
+        dit = ckpt.read_state_dict(ckpt.load_checkpoint_file(file), prefix=ckpt.SAT_PREFIX)
+        check_checkpoint_fits_config(detect_from_state_dict(dit), detect_from_model_config(mc), f"checkpoint {file}")
+    if args.lora_path:
+        ckpt.load_checkpoint_file(args.lora_path)
+    vae = OmegaConf.select(mc, "first_stage_config.params.ckpt_path")
+    if vae:
+        read_vae_checkpoint(vae)
+    for emb in OmegaConf.select(mc, "conditioner_config.params.emb_models") or []:
+        if str(emb.get("target", "")).endswith("FrozenT5Embedder"):
+            check_t5_folder((emb.get("params") or {}).get("model_dir", ""))
 
 
 def load_transformer_checkpoint(model, folder: str) -> None:
-    """Load the DiT of a SAT checkpoint into the engine with strict key/shape checks.
-
-    Only ``model.diffusion_model.*`` keys are read: T5/VAE keys in finetune checkpoints are ignored (they come
-    from the T5 folder and ``3d-vae.pt``); the RoPE tables, the unused position table and the 2B sincos table
-    may be absent or extra (``DiffusionTransformer.known_unused_keys``)."""
+    """Load the DiT of a SAT checkpoint into the engine with strict key/shape checks; the RoPE tables, the unused
+    position table and the 2B sincos table may be absent or extra (``DiffusionTransformer.known_unused_keys``)."""
     from sat_cogvideo import checkpoint as ckpt
 
-    sd = _read_sat_checkpoint(folder)
-    dit_sd = {k[len(DIT_PREFIX):]: v for k, v in sd.items() if k.startswith(DIT_PREFIX)}
-    if not dit_sd:
-        raise UserError(f"checkpoint {folder} has no model.diffusion_model.* keys: is it a CogVideoX SAT transformer "
-                        f"folder?")
     dit = model.model.diffusion_model
     known = dit.known_unused_keys() if hasattr(dit, "known_unused_keys") else set()
     # computed tables (RoPE, 2B sincos) keep their computed values even when a checkpoint stores them
-    dit_sd = {k: v for k, v in dit_sd.items() if k not in known}
+    dit_sd = {k: v for k, v in read_dit_checkpoint(folder).items() if k not in known}
     ckpt.load_state_dict_strict(dit, dit_sd, known_unused=known, source=f"checkpoint {folder}")
 
 
+def lora_scale(lora, model_config, folder: str) -> float:
+    """SAT's LoraMixin scaling ``lora_alpha / r``: ``lora_alpha`` from the config's ``lora_config`` (default 1),
+    ``r`` from the factors (checked against the config's ``r``)."""
+    from sat_cogvideo.convert.lora import lora_rank
+
+    params = ((_net_params(model_config).get("modules") or {}).get("lora_config") or {}).get("params") or {}
+    r = lora_rank(lora)
+    if params.get("r") is not None and int(params["r"]) != r:
+        raise UserError(f"--lora-path {folder} has rank {r} but lora_config says r: {params['r']}")
+    return float(params.get("lora_alpha", 1.0)) / r
+
+
 def merge_lora_checkpoint(model, folder: str, scale: Optional[float], model_config) -> None:
-    """Merge the LoRA factors of a SAT LoRA checkpoint into the plain DiT weights: per projection
-    ``W += scale · B @ A`` (q, k and v of ``query_key_value`` have their own factors)."""
+    """Merge the LoRA factors of a SAT LoRA run into the plain DiT weights, ``W += scale · B @ A`` per projection,
+    through :func:`sat_cogvideo.convert.lora.merge_lora_state_dict`."""
     import torch
 
-    sd = _read_sat_checkpoint(folder)
-    pre = "model.diffusion_model."
-    lora = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre) and (".matrix_A." in k or ".matrix_B." in k)}
+    from sat_cogvideo.convert.lora import find_lora_layers, lora_rank, merge_lora_state_dict, split_lora_state_dict
+
+    _, lora = split_lora_state_dict(read_dit_checkpoint(folder, "--lora-path"))
     if not lora:
         raise UserError(f"--lora-path {folder} has no LoRA factors (matrix_A/matrix_B keys)")
-    if scale is None:
-        # SAT's LoraMixin: scaling = lora_alpha / r, lora_alpha defaulting to 1
-        lcfg = (_net_params(model_config).get("modules") or {}).get("lora_config")
-        params = (lcfg or {}).get("params") or {}
-        r = int(next(v for k, v in lora.items() if ".matrix_A." in k).shape[0])
-        if params.get("r") is not None and int(params["r"]) != r:
-            raise UserError(f"--lora-path {folder} has rank {r} but lora_config says r: {params['r']}")
-        scale = float(params.get("lora_alpha", 1.0)) / r
-    dit = model.model.diffusion_model
-    own = dict(dit.named_parameters())
-    layers = sorted({k.rsplit(".matrix_", 1)[0] for k in lora})
+    scale = lora_scale(lora, model_config, folder) if scale is None else scale
+    own = dict(model.model.diffusion_model.named_parameters())
+    weights = [layer + ".weight" for layer in find_lora_layers(lora)]
+    foreign = [w for w in weights if w not in own]
+    if foreign:
+        raise UserError(f"--lora-path {folder}: {foreign[0][:-7]} is not a layer of this model (wrong --base?)")
     with torch.no_grad():
-        for layer in layers:
-            weight_key = layer + ".weight"
-            if weight_key not in own:
-                raise UserError(f"--lora-path {folder}: {layer} is not a layer of this model (wrong --base?)")
-            w = own[weight_key]
-            parts = sorted(int(k.rsplit(".", 1)[1]) for k in lora if k.startswith(layer + ".matrix_A."))
-            rows = w.shape[0] // len(parts)
-            for j in parts:
-                a = lora[f"{layer}.matrix_A.{j}"].to(torch.float32)
-                b = lora[f"{layer}.matrix_B.{j}"].to(torch.float32)
-                delta = (b @ a) * scale
-                if delta.shape != (rows, w.shape[1]):
-                    raise UserError(f"--lora-path {folder}: {layer} factors give {list(delta.shape)}, "
-                                    f"the layer part is {[rows, w.shape[1]]}")
-                w[j * rows:(j + 1) * rows] += delta.to(w.dtype)
+        merged = merge_lora_state_dict(lora, lora_alpha=scale * lora_rank(lora), base={w: own[w] for w in weights})
+        for key in weights:
+            own[key].copy_(merged[key])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,10 +601,6 @@ def _empty_cache(device):
         torch.cuda.empty_cache()
 
 
-def seed_for(seed: int, cnt: int, index: int) -> int:
-    return (int(seed) + 1000 * int(cnt) + int(index)) % (2 ** 63)
-
-
 def conditionings(model, text: str, device):
     """(c, uc): T5(prompt) and the all-zero unconditional context, as the original."""
     import torch
@@ -582,58 +616,67 @@ def conditionings(model, text: str, device):
 
 
 def generate(args, model, plan: Plan, job: Job, placement: Placement, index: int):
-    """One video (or latent) for one job; returns the sampled latents ``[1, T, C, h, w]`` and the video."""
+    """One video (or latent) for one job; returns the sampled latents ``[1, T, C, h, w]`` and the video.
+    The original's sampling loop body (``sample_video.py`` of each generation; ``families.Generation`` holds what
+    the two differ in)."""
     import torch
-    from sat_cogvideo import media
 
-    device = placement.device
     torch.manual_seed(seed_for(args.seed, job.cnt, index))
-    T, C = plan.latent_frames, latent_channels(args)
     with placement.use("conditioner"):
-        c, uc = conditionings(model, job.text, device)
-    sample_kwargs = {}
-    if plan.generate_type == "i2v":
-        if plan.generation == "1.5":
-            if plan.height is None:
-                H, W = i2v15_pixel_size(media.read_image(job.media).size, args.model_config, job.media)
-            else:
-                H, W = plan.height, plan.width
-            image = media.load_i2v_image(job.media, "1.5", H, W)
-        else:
-            H, W = plan.height, plan.width
-            image = media.load_i2v_image(job.media, "1.0", H, W)
-        with placement.use("first_stage_model"):
-            z = model.encode_pixels(image.to(device=device, dtype=model.dtype))
-        if plan.generation == "1.5":
-            z = z / model.scale_factor  # the 1.5 code conditions on the raw VAE latent
-        z = z.permute(0, 2, 1, 3, 4).contiguous()  # [1, 1, 16, h, w]
-        pad = torch.zeros((1, T - 1) + tuple(z.shape[2:]), dtype=z.dtype, device=z.device)
-        image_latent = torch.cat([z, pad], dim=1)
-        c["concat"] = image_latent
-        uc["concat"] = image_latent
-        if plan.generation == "1.5":
-            sample_kwargs["ofs"] = torch.tensor([2.0], device=device)
-        shape = (T, C, H // 8, W // 8)
-    else:
-        H, W = plan.height, plan.width
-        shape = (T, C, H // 8, W // 8)
+        c, uc = conditionings(model, job.text, placement.device)
+    H, W = plan.height, plan.width
+    if plan.generate_type == "i2v" and H is None:  # 1.5 I2V: the size follows the image
+        from sat_cogvideo import media
 
+        H, W = i2v15_pixel_size(media.read_image(job.media).size, args.model_config, job.media)
+    extra = _i2v_conditioning(model, plan, job, placement, c, uc, H, W) if plan.generate_type == "i2v" else {}
     with placement.use("model"):
         if plan.generate_type == "v2v":
-            video = media.load_v2v_video(job.media, plan.video_frames, H, W)
-            with placement.use("first_stage_model"):
-                z0 = model.encode_pixels(video.to(device=device, dtype=model.dtype))
-            z0 = z0.permute(0, 2, 1, 3, 4).contiguous()  # [1, t, 16, h, w]
-            if plan.generation == "1.5" and z0.shape[1] < T:
-                z0 = torch.cat([z0[:, :T - z0.shape[1]], z0], dim=1)  # padding latent frame, dropped at decode
-            samples_z = model.sample_from(z0, c, uc=uc, strength=args.strength)
+            samples_z = _sample_v2v(args, model, plan, job, placement, c, uc, H, W)
         else:
-            samples_z = model.sample(c, uc=uc, batch_size=1, shape=shape, **sample_kwargs)
+            shape = (plan.latent_frames, latent_channels(args), H // 8, W // 8)
+            samples_z = model.sample(c, uc=uc, batch_size=1, shape=shape, **extra)
     if args.only_save_latents:
         return samples_z, None
     with placement.use("first_stage_model"):
         video = model.decode_video(samples_z)
     return samples_z, video[0].cpu()
+
+
+def _i2v_conditioning(model, plan: Plan, job: Job, placement: Placement, c, uc, H: int, W: int) -> dict:
+    """Image-to-video: the encoded image as latent frame 0 of ``c``/``uc["concat"]`` (zeros after it); returns
+    the sampler's extra inputs (1.5: ``ofs``).  Maps to the original's ``image2video`` branch."""
+    import torch
+    from sat_cogvideo import media
+    from sat_cogvideo.families import get_generation
+
+    gen, device = get_generation(plan.generation), placement.device
+    image = media.load_i2v_image(job.media, gen, H, W)
+    with placement.use("first_stage_model"):
+        z = model.encode_pixels(image.to(device=device, dtype=model.dtype))
+    if gen.i2v_raw_latent:
+        z = z / model.scale_factor  # the 1.5 code conditions on the raw VAE latent
+    z = z.permute(0, 2, 1, 3, 4).contiguous()  # [1, 1, 16, h, w]
+    pad = torch.zeros((1, plan.latent_frames - 1) + tuple(z.shape[2:]), dtype=z.dtype, device=z.device)
+    c["concat"] = uc["concat"] = torch.cat([z, pad], dim=1)
+    return {} if gen.i2v_ofs is None else {"ofs": torch.tensor([gen.i2v_ofs], device=device)}
+
+
+def _sample_v2v(args, model, plan: Plan, job: Job, placement: Placement, c, uc, H: int, W: int):
+    """Video-to-video (SDEdit): encode the input video and denoise it from the ``--strength`` step; the 1.5
+    padding latent frame (a copy of the first) goes in front, dropped again at decode."""
+    import torch
+    from sat_cogvideo import media
+    from sat_cogvideo.families import get_generation
+
+    video = media.load_v2v_video(job.media, plan.video_frames, H, W)
+    with placement.use("first_stage_model"):
+        z0 = model.encode_pixels(video.to(device=placement.device, dtype=model.dtype))
+    z0 = z0.permute(0, 2, 1, 3, 4).contiguous()  # [1, t, 16, h, w]
+    pad = min(get_generation(plan.generation).padding_latents, plan.latent_frames - z0.shape[1])
+    if pad > 0:
+        z0 = torch.cat([z0[:, :pad], z0], dim=1)
+    return model.sample_from(z0, c, uc=uc, strength=args.strength)
 
 
 def apply_vae_memory_options(model, args) -> None:
@@ -649,14 +692,37 @@ def apply_vae_memory_options(model, args) -> None:
                             "vae_modules.autoencoder.VideoAutoencoderInferenceWrapper)")
         size = args.vae_tile_size or [None, None]
         vae.enable_tiling(tile_sample_min_height=size[0], tile_sample_min_width=size[1])
-        # diffusers' tiling (reproduced) only tiles the output exactly when the latent stride times the spatial
-        # compression equals the tile minus its blend width
-        f = int(getattr(vae, "spatial_compression", 8))
-        for tile, overlap, axis in ((vae.tile_sample_min_height, vae.tile_overlap_factor_height, "height"),
-                                    (vae.tile_sample_min_width, vae.tile_overlap_factor_width, "width")):
-            if int(int(tile / f) * (1 - overlap)) * f != tile - int(tile * overlap):
-                raise UserError(f"--vae-tile-size: a tile {axis} of {tile} px does not tile evenly with overlap "
-                                f"{overlap:.3g}: use e.g. 240,360 (the default), 96,80 or 480,720")
+        problem = _tile_problem((vae.tile_sample_min_height, vae.tile_sample_min_width),
+                                (vae.tile_overlap_factor_height, vae.tile_overlap_factor_width),
+                                int(getattr(vae, "spatial_compression", 8)))
+        if problem:
+            raise UserError(problem)
+
+
+def _tile_problem(tile_hw, overlap_hw, f: int) -> Optional[str]:
+    """Why a VAE tile size does not work, or None.  diffusers' tiling (reproduced) only tiles the output exactly
+    when the latent stride times the spatial compression ``f`` equals the tile minus its blend width."""
+    for tile, overlap, axis in zip(tile_hw, overlap_hw, ("height", "width")):
+        if int(int(tile / f) * (1 - overlap)) * f != tile - int(tile * overlap):
+            return (f"--vae-tile-size: a tile {axis} of {tile} px does not tile evenly with overlap {overlap:.3g}: "
+                    f"use e.g. 240,360 (the default), 96,80 or 480,720")
+    return None
+
+
+def _check_tile_size(size, model_config) -> None:
+    """``--vae-tile-size`` against the VAE's default overlaps and the config's spatial compression, before
+    the VAE is built (:func:`apply_vae_memory_options` checks the built VAE again)."""
+    from omegaconf import OmegaConf
+
+    from sat_cogvideo.vae_modules.tiling import VAEMemoryFeatures as vae  # class defaults
+
+    key = "first_stage_config.params.encoder_config.params.ch_mult"
+    ch_mult = OmegaConf.select(OmegaConf.create(model_config), key)
+    f = 2 ** (len(ch_mult) - 1) if ch_mult else 8
+    size = size or (vae.tile_sample_min_height, vae.tile_sample_min_width)
+    problem = _tile_problem(size, (vae.tile_overlap_factor_height, vae.tile_overlap_factor_width), f)
+    if problem:
+        raise UserError(problem)
 
 
 def save_outputs(args, plan: Plan, job: Job, index: int, samples_z, video):
@@ -678,18 +744,14 @@ def _log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-@run_cli
-def main(argv: Optional[List[str]] = None) -> List[str]:
-    """Run inference; returns the output files written (or kept with --skip-existing) by this rank."""
-    from sat_cogvideo.arguments import get_args, initialize
+def parse_args(argv: List[str]):
+    """The inference arguments, with the checks that need no model config."""
+    from sat_cogvideo.arguments import get_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     if "--mode" not in argv:
         argv = ["--mode", "inference"] + argv
     args = get_args(argv, extra=[add_inference_args])
-    args._explicit_size = any(a.startswith("--sampling-image-size") for a in argv)
-    args._explicit_channels = any(a.startswith("--latent-channels") for a in argv)
-    if args.output_path and not any(a.startswith("--batch-size") for a in argv):
+    if args.output_path and not explicit(args, "batch_size"):
         args.batch_size = 1  # --output-path names one video
     args.mode = "inference"
     if hasattr(args, "deepspeed_config"):
@@ -697,24 +759,43 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     _set_dtype(args)
     if args.fp16 and args.bf16:
         raise UserError("choose one of fp16 and bf16")
-    if args.lora_path and not os.path.isdir(args.lora_path):
-        raise UserError(f"--lora-path {args.lora_path!r} is not a folder: give a SAT LoRA checkpoint folder")
-    if args.load and not os.path.isdir(args.load):
-        raise UserError(f"load {args.load!r} is not a folder: point it at the 'transformer' folder of a SAT download")
     if args.prompt is None and args.input_type == "cli" and args.output_path:
         raise UserError("--output-path needs --prompt (one video); use --output-dir for prompt lists")
     if args.model_config is None:
         raise UserError("no model: section: pass the model config with --base, e.g. "
                         "--base configs/cogvideox_5b.yaml configs/inference.yaml")
     apply_overrides(args)
+    return args
+
+
+def prepare(args) -> Plan:
+    """Start the process group, check every input and every weight file; nothing is loaded yet."""
+    from sat_cogvideo.arguments import initialize
+
     # Validation reads prompts through the data-parallel sharding, so start the process group first
     # (cheap; no weights involved).
     user_seed = args.seed
     initialize(args)  # seeds with seed + data-parallel rank, as the original
     args.seed = user_seed  # our per-video seeds do not depend on the rank
     plan = build_plan(args)
+    preflight_weights(args)
     if plan.family is not None and args.fp16 and plan.family.dtype == "bfloat16":
         warnings.warn(f"{plan.family.name} in float16 often gives black or NaN videos: use --dtype bfloat16")
+    return plan
+
+
+@run_cli
+def main(argv: Optional[List[str]] = None) -> List[str]:
+    """Run inference; returns the output files written (or kept with --skip-existing) by this rank."""
+    from sat_cogvideo.checkpoint import trusting
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    with trusting(args.trust_pickle):
+        return run(args, prepare(args))
+
+
+def run(args, plan: Plan) -> List[str]:
+    """Generate every video of the plan; returns the outputs written or kept."""
     todo = []
     kept = []
     for job in plan.jobs:
@@ -742,7 +823,7 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     if args.input_type == "cli" and args.prompt is None:
         # interactive: validate each prompt as it comes
         for text, cnt in read_prompt_lines(args):
-            text, media_path = _split_media(text, args.image_or_video_path, "stdin")
+            text, media_path = rules.split_prompt(text, args.image_or_video_path, "stdin")
             job = Job(text, cnt, media_path if plan.generate_type != "t2v" else None)
             if plan.generate_type != "t2v":
                 _check_media(job.media, plan.generate_type, "stdin", plan.video_frames)

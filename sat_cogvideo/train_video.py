@@ -23,8 +23,14 @@ SAT's loop runs unchanged; a few of its module-level functions are replaced whil
 * ``make_loaders``: on resume the train loader starts at the saved data position.
 * ``train``: on resume the LR schedule is restored to its saved step.
 * ``Timers``, ``report_memory``: SAT's call ``torch.cuda.synchronize`` / CUDA memory stats, which fail on CPU.
+* ``print_args``: SAT writes TensorBoard files (and ``--save-args``) to ``<summary_dir>/runs/``, and its
+  ``summary_dir`` default "" means the working folder; an unset ``summary_dir`` becomes the run folder, so the
+  events land in ``<run>/runs/<experiment>/`` (``print_args`` runs just before the summary writer is made).
 * ``datetime``: every rank uses rank 0's clock for the run-folder name (ranks crossing a minute boundary would
   otherwise write one checkpoint into two folders).
+
+What a run knows beyond SAT's ``args`` (the resumed run, its pending RNG states, the iterations saved so far, whether
+``training_config.yaml`` was written) is one :class:`RunState`, made in :func:`run` and handed to these pieces.
 
 Resume: ``--resume`` (the newest run ``<save>/<experiment_name>-*``), ``--resume RUN_FOLDER``, or ``load:`` pointing
 at one of our run folders continues its iteration count, optimizer (moments, EMA shadow, step), LR schedule, RNG and
@@ -40,21 +46,38 @@ import os
 import random
 import shutil
 import sys
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import numpy as np
 import torch
 
-from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text, make_temp_dir
+from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text
+from sat_cogvideo.checkpoint import SAT_PREFIX, load_torch_file, trusting
 from sat_cogvideo.distributed import is_cuda
 from sat_cogvideo.errors import UserError, run_cli
 
-SAT_PREFIX = "model.diffusion_model."
 RESUME_KEY = "sat_cogvideo_resume"
 RESUME_MARKER = "sat_cogvideo_resume.json"
 _LR_FIELDS = ("start_lr", "warmup_iter", "init_step", "num_iters", "end_iter", "decay_style", "decay_ratio",
               "auto_warmup_steps", "auto_warmup_rate", "lr_scale")
+
+
+@dataclass
+class RunState:
+    """What one :func:`run` knows beyond SAT's ``args``, handed to the replaced SAT pieces (:func:`patched_sat_loop`).
+
+    ``resume``: the resumed run's information (:func:`find_run`), or None for a new run; ``pending_rng``: the saved
+    RNG states, applied at the first training step (after SAT has seeded everything); ``saved_iterations``: the
+    iterations this run has saved (SAT's final save repeats the last periodic one); ``training_config_written``:
+    whether ``<save>/training_config.yaml`` has been dealt with.
+    """
+
+    resume: Optional[dict] = None
+    pending_rng: Optional[dict] = None
+    saved_iterations: Set[str] = field(default_factory=set)
+    training_config_written: bool = False
 
 
 # ============================================================================================================
@@ -216,11 +239,11 @@ def broad_cast_batch(batch: Dict[str, Any], device) -> None:
         torch.distributed.broadcast(batch[key], src=src, group=group)
 
 
-def write_training_config(args) -> None:
+def write_training_config(args, state: RunState) -> None:
     """``<save>/training_config.yaml``: the merged ``--base`` configs (rank 0, once, atomically)."""
-    if not args.save or getattr(args, "_training_config_written", False):
+    if not args.save or state.training_config_written:
         return
-    args._training_config_written = True
+    state.training_config_written = True
     if torch.distributed.get_rank() != 0:
         return
     path = os.path.join(args.save, "training_config.yaml")
@@ -231,17 +254,18 @@ def write_training_config(args) -> None:
     atomic_write_text(path, OmegaConf.to_yaml(args.config, resolve=True))
 
 
-def forward_step(data_iterator, model, args, timers, data_class=None):
+def forward_step(data_iterator, model, args, timers, data_class=None, state: Optional[RunState] = None):
     """One training micro-step: next batch -> ``model.shared_step(batch)`` -> ``(loss, {"loss": loss})``."""
     from sat import mpu
 
-    _apply_pending_rng(args)
+    state = state if state is not None else RunState()
+    _apply_pending_rng(state)
     if mpu.get_model_parallel_rank() == 0:
         timers("data loader").start()
         batch = next(data_iterator)
         timers("data loader").stop()
         batch = to_device(batch, args.device)
-        write_training_config(args)
+        write_training_config(args, state)
     else:
         batch = {"mp4": None, "fps": None, "num_frames": None, "txt": None}
     batch["global_step"] = args.iteration
@@ -323,25 +347,33 @@ class SkipBatchSampler:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain numbers, so that it reloads with ``weights_only=True``."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # files of earlier versions hold an array
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
-def _apply_pending_rng(args) -> None:
-    pending = getattr(args, "_pending_rng", None)
-    if pending is not None:
-        _set_rng_state(pending)
-        args._pending_rng = None
+def _apply_pending_rng(state: RunState) -> None:
+    """Restore the resumed run's RNG states once (the first training step after a resume)."""
+    if state.pending_rng is not None:
+        _set_rng_state(state.pending_rng)
+        state.pending_rng = None
 
 
 def checkpoint_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -352,14 +384,14 @@ def checkpoint_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k.startswith(SAT_PREFIX) or k in trainable}
 
 
-def save_checkpoint(iteration, model, optimizer, lr_scheduler, args) -> None:
-    """Replacement for SAT's ``save_checkpoint`` (same signature; every rank calls it)."""
+def save_checkpoint(iteration, model, optimizer, lr_scheduler, args, state: Optional[RunState] = None) -> None:
+    """Replacement for SAT's ``save_checkpoint`` (SAT's signature plus the run's state; every rank calls it)."""
     dist = torch.distributed
     tag = str(iteration)
-    saved = args.__dict__.setdefault("_saved_iterations", set())
-    if tag in saved:  # SAT's final save repeats the last periodic one (Q14)
+    state = state if state is not None else RunState()
+    if tag in state.saved_iterations:  # SAT's final save repeats the last periodic one
         return
-    saved.add(tag)
+    state.saved_iterations.add(tag)
     tmp_tag = f".partial-{tag}"
     tmp_dir = os.path.join(args.save, tmp_tag)
     final_dir = os.path.join(args.save, tag)
@@ -398,16 +430,10 @@ def save_checkpoint(iteration, model, optimizer, lr_scheduler, args) -> None:
 
 
 def _read_checkpoint(path: str) -> dict:
-    """A checkpoint dict; files holding Python objects (SAT/DeepSpeed training state) are unpickled, since the user
-    chose this file as ``load``."""
+    """A checkpoint dict, loaded weights-only (pickled objects only with ``--trust-pickle``)."""
     from sat_cogvideo.checkpoint import load_checkpoint_file
 
-    try:
-        return load_checkpoint_file(path)
-    except UserError as err:
-        if "weights-only" not in str(err):
-            raise
-        return load_checkpoint_file(path, allow_pickle=True)
+    return load_checkpoint_file(path)
 
 
 def load_dit_weights(engine: torch.nn.Module, checkpoint: dict, source: str) -> None:
@@ -439,11 +465,11 @@ def load_dit_weights(engine: torch.nn.Module, checkpoint: dict, source: str) -> 
               f"initial values", flush=True)
 
 
-def load_checkpoint(model, args, load_path=None, prefix="") -> int:
+def load_checkpoint(model, args, load_path=None, prefix="", state: Optional[RunState] = None) -> int:
     """Replacement for SAT's ``load_checkpoint(model, args)``: returns the iteration to continue from."""
     from sat_cogvideo.checkpoint import checkpoint_file
 
-    resume = getattr(args, "_resume", None)
+    resume = state.resume if state is not None else None
     path = load_path or args.load
     file = str(checkpoint_file(path))
     checkpoint = _read_checkpoint(file)
@@ -472,7 +498,8 @@ def find_run(run_dir: str) -> Optional[dict]:
 
 
 def resolve_resume(args) -> Optional[dict]:
-    """Decide whether this run resumes one of ours (see the module docstring) and set ``args`` for it."""
+    """Decide whether this run resumes one of ours (see the module docstring), set ``args`` for it and return its
+    information (:func:`find_run`), or None for a new run."""
     run_dir = None
     if args.resume == "auto":
         if not args.save or not os.path.isdir(args.save):
@@ -501,7 +528,6 @@ def resolve_resume(args) -> Optional[dict]:
     args.load = info["run_dir"]
     args.save = os.path.dirname(info["run_dir"])
     args.mode = "pretrain"  # SAT then continues in the folder basename(load)
-    args._resume = info
     return info
 
 
@@ -599,7 +625,7 @@ def _rank0_now() -> _dt.datetime:
     return _dt.datetime.fromtimestamp(now[0])
 
 
-def _setup_model_and_optimizer(args, model, config_params=None):
+def _setup_model_and_optimizer(args, model, config_params=None, state: Optional[RunState] = None):
     """SAT's ``setup_model_untrainable_params_and_optimizer`` with our optimizer resolution, checkpoint contents and
     optimizer-state resume (see the module docstring)."""
     import deepspeed
@@ -628,13 +654,20 @@ def _setup_model_and_optimizer(args, model, config_params=None):
                                                    optimizer=optimizer_callable, args=args, mpu=mpu,
                                                    dist_init_required=False)
     engine.module_state_dict = _module_state_dict_for(engine)
-    resume = getattr(args, "_resume", None)
+    # DeepSpeed's own reads (model states, ZeRO shards) go through our safe loader too.
+    engine.checkpoint_engine.load = _safe_deepspeed_load
+    resume = state.resume if state is not None else None
     if resume is not None:
         load_path, _ = engine.load_checkpoint(resume["run_dir"], tag=resume["tag"], load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"cannot load the optimizer state of {_resume_files(resume)}")
     return engine, optimizer
+
+
+def _safe_deepspeed_load(path, map_location=None):
+    """DeepSpeed's ``checkpoint_engine.load`` through :func:`sat_cogvideo.checkpoint.load_torch_file` (CPU)."""
+    return load_torch_file(path, what="DeepSpeed checkpoint")
 
 
 def _module_state_dict_for(engine):
@@ -644,10 +677,10 @@ def _module_state_dict_for(engine):
     return module_state_dict
 
 
-def _make_loaders_for(original):
+def _make_loaders_for(original, state: RunState):
     def make_loaders(args, create_dataset_function, collate_fn=None):
         train, valid, test = original(args, create_dataset_function, collate_fn=collate_fn)
-        resume = getattr(args, "_resume", None)
+        resume = state.resume
         if resume is not None and train is not None:
             skip = int(resume["iteration"]) * int(args.gradient_accumulation_steps or 1)
             train = torch.utils.data.DataLoader(
@@ -659,9 +692,9 @@ def _make_loaders_for(original):
     return make_loaders
 
 
-def _train_for(original):
+def _train_for(original, state: RunState):
     def train(model, optimizer, lr_scheduler, train_data, val_data, timers, args, **kwargs):
-        resume = getattr(args, "_resume", None)
+        resume = state.resume
         if resume is not None:
             # ``lr_scale`` too: SAT's scheduler reads the per-group scale from the optimizer's 'lr' entries, which
             # the loaded optimizer state has already overwritten with learning rates.
@@ -670,25 +703,36 @@ def _train_for(original):
             lr_scheduler.step(resume["lr_scheduler"]["num_iters"])
             rng_file = os.path.join(_resume_files(resume), f"rng_state_rank{torch.distributed.get_rank():02d}.pt")
             if os.path.isfile(rng_file):
-                args._pending_rng = torch.load(rng_file, weights_only=False)
+                state.pending_rng = load_torch_file(rng_file, what="RNG state")
         return original(model, optimizer, lr_scheduler, train_data, val_data, timers, args, **kwargs)
 
     return train
 
 
+def _print_args_for(original):
+    def print_args(args):
+        if not args.summary_dir and args.save:
+            args.summary_dir = args.save  # the run folder by now: training_main has joined the experiment name
+        return original(args)
+
+    return print_args
+
+
 @contextlib.contextmanager
-def patched_sat_loop():
-    """Swap the pieces of ``sat.training.deepspeed_training`` listed in the module docstring while it runs."""
+def patched_sat_loop(state: RunState):
+    """Swap the pieces of ``sat.training.deepspeed_training`` listed in the module docstring while it runs; those
+    that need the run's resume and save state get ``state``."""
     from sat.training import deepspeed_training as dst
 
     replacements = {
-        "save_checkpoint": save_checkpoint,
-        "load_checkpoint": load_checkpoint,
-        "setup_model_untrainable_params_and_optimizer": _setup_model_and_optimizer,
-        "make_loaders": _make_loaders_for(dst.make_loaders),
-        "train": _train_for(dst.train),
+        "save_checkpoint": partial(save_checkpoint, state=state),
+        "load_checkpoint": partial(load_checkpoint, state=state),
+        "setup_model_untrainable_params_and_optimizer": partial(_setup_model_and_optimizer, state=state),
+        "make_loaders": _make_loaders_for(dst.make_loaders, state),
+        "train": _train_for(dst.train, state),
         "Timers": _CpuSafeTimers,
         "report_memory": _report_memory,
+        "print_args": _print_args_for(dst.print_args),
         "datetime": _fixed_datetime(_rank0_now()),
     }
     saved = {name: getattr(dst, name) for name in replacements}
@@ -755,7 +799,8 @@ def run(argv=None):
     args = get_args(argv, extra=[add_finetune_args])
     check_args(args)
     initialize(args)
-    info = resolve_resume(args)
+    state = RunState(resume=resolve_resume(args))
+    info = state.resume
     if info is not None and info["iteration"] >= args.train_iters:
         print(f"{info['run_dir']} already reached iteration {info['iteration']} (train_iters {args.train_iters}); "
               f"raise train_iters to continue", flush=True)
@@ -779,17 +824,12 @@ def run(argv=None):
     params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else dict(params)
     create_dataset_function = partial(data_class.create_dataset_function, **params)
     args.log_config = [OmegaConf.to_container(args.config, resolve=True)]
-    with patched_sat_loop() as dst:
-        engine = dst.training_main(args, model_cls=SATVideoDiffusionEngine,
-                                   forward_step_function=partial(forward_step, data_class=data_class),
-                                   forward_step_eval=partial(forward_step_eval, data_class=data_class,
-                                                             only_log_video_latents=args.only_log_video_latents),
-                                   create_dataset_function=create_dataset_function)
-    dump = os.environ.get("SAT_COGVIDEO_FINAL_STATE")  # test hook: the whole engine, VAE and T5 included
-    if dump and torch.distributed.get_rank() == 0:
-        module = engine.module if hasattr(engine, "module") else engine
-        torch.save({k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, dump)
-    return engine
+    with trusting(args.trust_pickle), patched_sat_loop(state) as dst:
+        return dst.training_main(args, model_cls=SATVideoDiffusionEngine,
+                                 forward_step_function=partial(forward_step, data_class=data_class, state=state),
+                                 forward_step_eval=partial(forward_step_eval, data_class=data_class,
+                                                           only_log_video_latents=args.only_log_video_latents),
+                                 create_dataset_function=create_dataset_function)
 
 
 @run_cli
@@ -798,58 +838,13 @@ def main(argv=None) -> int:
     return 0
 
 
-# ============================================================================================================
-# demo
-
-
-def build_demo_dataset(folder: str, num_videos: int = 2, height: int = 64, width: int = 96, frames: int = 24,
-                       fps: int = 8) -> str:
-    """``<folder>/dataset/{labels,videos}`` with ``num_videos`` small generated clips (a moving gradient), once."""
-    from sat_cogvideo.media import write_video
-
-    target = os.path.join(folder, "dataset")
-    if os.path.isdir(os.path.join(target, "videos")):
-        return target
-    os.makedirs(folder, exist_ok=True)
-    tmp = make_temp_dir(folder, prefix=".dataset-")
-    captions = ["a red square drifts slowly to the right over a blue background",
-                "green stripes scroll upwards on a dark screen"]
-    yy, xx = np.mgrid[0:height, 0:width]
-    for n in range(num_videos):
-        clip = np.zeros((frames, height, width, 3), np.uint8)
-        for t in range(frames):
-            if n % 2 == 0:
-                clip[t, ..., 2] = 160
-                x0 = 8 + 2 * t
-                clip[t, 20:44, x0:x0 + 24, 0] = 230
-            else:
-                clip[t, ..., 1] = (((yy + 3 * t) // 8) % 2 * 200).astype(np.uint8)
-        write_video(os.path.join(tmp, "videos", f"{n + 1}.mp4"), clip, fps=fps)
-        os.makedirs(os.path.join(tmp, "labels"), exist_ok=True)
-        with open(os.path.join(tmp, "labels", f"{n + 1}.txt"), "w", encoding="utf-8") as f:
-            f.write(captions[n % len(captions)] + "\n")
-    try:
-        os.replace(tmp, target)
-    except OSError:  # built meanwhile by another process
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def prepare_demo(folder: Optional[str] = None) -> str:
-    """Build the tiny demo model (CogVideoX-2B layout) and the 2-video dataset; return the demo folder."""
-    from sat_cogvideo.demo import build_demo, demo_dir
-
-    folder = demo_dir(folder)
-    build_demo(folder, models=("cogvideox_2b",))
-    build_demo_dataset(folder)
-    return folder
-
-
 if __name__ == "__main__":
     # Run through the importable module so that its classes (EmaAdamW, ...) are not ``__main__.*``.
     from sat_cogvideo import train_video as _module
 
-    if len(sys.argv) > 1 and sys.argv[1] == "--prepare-demo":
-        print(_module.prepare_demo(sys.argv[2] if len(sys.argv) > 2 else None))
+    if len(sys.argv) > 1 and sys.argv[1] == "--prepare-demo":  # finetune.sh and the SLURM tests call this
+        from sat_cogvideo.demo import prepare_demo
+
+        print(prepare_demo(sys.argv[2] if len(sys.argv) > 2 else None))
         sys.exit(0)
     sys.exit(_module.main())

@@ -90,13 +90,7 @@ def append_dims(x, target_dims: int):
     return x[(...,) + (None,) * missing]
 
 
-# --- added by the diffusion-core engineer (the original sgm/util.py has these; the samplers and the
-# --- conditioner use them)
-def exists(x) -> bool:
-    """``x is not None``."""
-    return x is not None
-
-
+# The helpers of the original sgm/util.py that the samplers and the conditioner use.
 def append_zero(x):
     """``x`` (1-D) with a single 0 appended."""
     import torch

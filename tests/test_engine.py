@@ -1,72 +1,12 @@
 """SATVideoDiffusionEngine: construction, prefixes, VAE calls, sampling entry points, training step, LoRA merge."""
 from __future__ import annotations
 
-import os
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from helpers import max_rel_err
-
-
-# ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="session")
-def demo_paths(tmp_path_factory, dist_cpu):
-    """The tiny random-weight models of the demo (T5 folder, 3d-vae.pt, SAT transformer folders), built once."""
-    from sat_cogvideo import demo
-
-    old = os.environ.get("SAT_COGVIDEO_DEMO")
-    # a fixed folder: every test module importing this fixture shares the (cached) build
-    folder = str(tmp_path_factory.getbasetemp() / "engine_demo")
-    paths = demo.build_demo(folder, models=demo.DEMO_MODELS)
-    yield paths
-    if old is None:
-        os.environ.pop("SAT_COGVIDEO_DEMO", None)
-    else:
-        os.environ["SAT_COGVIDEO_DEMO"] = old
-
-
-def model_config(name: str):
-    from omegaconf import OmegaConf
-
-    from sat_cogvideo.demo import tiny_config_path
-
-    cfg = OmegaConf.load(tiny_config_path(name)).model
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-def make_engine(name: str, paths, dtype: str = "fp32", load: bool = True, num_steps: int | None = None,
-                sampler: str | None = None, **overrides):
-    from omegaconf import open_dict
-
-    from sat_cogvideo.diffusion_video import SATVideoDiffusionEngine
-    from sat_cogvideo.sample_video import SAMPLERS, load_transformer_checkpoint
-
-    cfg = model_config(name)
-    with open_dict(cfg):
-        if num_steps is not None:
-            cfg.sampler_config.params.num_steps = num_steps
-            cfg.sampler_config.params.guider_config.params.num_steps = num_steps
-        if sampler is not None:
-            cfg.sampler_config.target = SAMPLERS[sampler]
-        cfg.sampler_config.params.verbose = False
-        for k, v in overrides.items():
-            cfg[k] = v
-    args = SimpleNamespace(model_config=cfg, fp16=dtype == "fp16", bf16=dtype == "bf16", device="cpu")
-    engine = SATVideoDiffusionEngine(args)
-    if load:
-        load_transformer_checkpoint(engine, paths[name])
-    return engine.eval()
-
-
-def text_cond(engine, text="a cat"):
-    from sat_cogvideo.sample_video import conditionings
-
-    return conditionings(engine, text, torch.device("cpu"))
+# demo_paths (fixture), model_config, make_engine and text_cond live in helpers.py (also imported from here by
+# modules that predate it)
+from helpers import demo_paths, make_engine, max_rel_err, model_config, text_cond  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -95,7 +35,7 @@ def test_construction_names_prefixes_and_frozen_vae(demo_paths):
 
 
 def test_decode_chunking_rules():
-    from sat_cogvideo.diffusion_video import decode_chunks_15, decode_pieces_10
+    from sat_cogvideo.families import decode_chunks_15, decode_pieces_10
 
     assert decode_chunks_15(21) == [3] + [2] * 9
     assert decode_chunks_15(41) == [5] + [4] * 9
@@ -260,7 +200,7 @@ def test_disable_untrainable_params(demo_paths):
 
 def test_lora_checkpoint_merge_equals_lora_model(demo_paths, tmp_path):
     """--lora-path: the factors of a SAT LoRA checkpoint merged into the plain weights give the LoRA model's DiT."""
-    from sat_cogvideo.media import atomic_torch_save, atomic_write_text
+    from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text
     from sat_cogvideo.sample_video import merge_lora_checkpoint
 
     lora_engine = make_engine("cogvideox_5b_lora", demo_paths, load=False)
@@ -298,7 +238,7 @@ def test_lora_checkpoint_merge_equals_lora_model(demo_paths, tmp_path):
 def test_checkpoint_loading_sat_layout(demo_paths, tmp_path):
     """SAT layout: DiT keys loaded strictly; T5/VAE keys of finetune checkpoints ignored; a wrong config refused."""
     from sat_cogvideo.errors import UserError
-    from sat_cogvideo.media import atomic_torch_save, atomic_write_text
+    from sat_cogvideo.atomic import atomic_torch_save, atomic_write_text
     from sat_cogvideo.sample_video import load_transformer_checkpoint
 
     engine = make_engine("cogvideox_5b", demo_paths)

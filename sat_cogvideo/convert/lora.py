@@ -1,4 +1,4 @@
-"""SAT LoRA <-> diffusers LoRA, and merging a LoRA into the base SAT weights (spec ``lora.md``, ``convert.md`` §10).
+"""SAT LoRA <-> diffusers LoRA, and merging a LoRA into the base SAT weights (the original's ``tools/export_sat_lora_weight.py``, for every family).
 
 SAT's ``LoraMixin`` wraps, in every layer ``i`` of its ``layer_range``, the fused q/k/v projection (three rank-r
 adapters, one per third of the output) and the attention output projection.  Their tensors map one to one to
@@ -38,9 +38,9 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from sat_cogvideo.atomic import atomic_path
+from sat_cogvideo.checkpoint import SAT_PREFIX
 from sat_cogvideo.errors import UserError
 
-SAT_PREFIX = "model.diffusion_model."
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 # (SAT suffix after ``transformer.layers.{i}.``, diffusers suffix after ``transformer_blocks.{i}.``)

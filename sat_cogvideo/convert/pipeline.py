@@ -1,7 +1,7 @@
 """SAT checkpoints <-> a complete diffusers CogVideoX pipeline folder (the library behind ``tools/convert_*``).
 
-Maps to the original ``tools/convert_weight_sat2hf.py`` (spec ``convert.md`` §1-9), with its defects fixed
-(spec README): only ``model.diffusion_model.`` keys are converted (finetune checkpoints work), the 2B sincos table
+Maps to the original ``tools/convert_weight_sat2hf.py`` with its defects fixed
+(README, "Differences from the original"): only ``model.diffusion_model.`` keys are converted (finetune checkpoints work), the 2B sincos table
 is dropped, LoRA is merged on request or refused clearly, the scheduler's SNR shift and the VAE scaling factor follow the model, T5 comes
 from a local folder, loading is ``weights_only``.  Beyond the original it handles CogVideoX1.5 (``patch_size_t``,
 ``ofs``), detects the family from the checkpoint's shapes and checks the flags against it, and converts the other
@@ -12,7 +12,7 @@ What it writes (the layout ``CogVideoXPipeline.save_pretrained`` writes)::
     <output>/model_index.json
     <output>/transformer/config.json + diffusion_pytorch_model[-0000i-of-0000n].safetensors (+ index)
     <output>/vae/config.json + diffusion_pytorch_model.safetensors
-    <output>/scheduler/scheduler_config.json            CogVideoXDDIMScheduler (convert.md §6)
+    <output>/scheduler/scheduler_config.json            CogVideoXDDIMScheduler (the original's settings)
     <output>/text_encoder/ + tokenizer/                 from a T5 folder (copied, or cast with typecast)
 
 Memory: tensors are read from a memory-mapped checkpoint and written one at a time (transformer layer by layer),
@@ -24,8 +24,8 @@ Public API::
 
     convert_sat_to_diffusers(output_path, *, transformer_ckpt_path=None, vae_ckpt_path=None, ...) -> dict
     convert_diffusers_to_sat(input_path, output_path, *, dtype=None, overwrite=False, ...) -> dict
-    read_sat_transformer(path, trust_pickle=False) -> dict            bare DiT keys, memory-mapped
-    read_sat_vae(path, trust_pickle=False) -> dict
+    read_sat_transformer(path, trust_pickle=None) -> dict             bare DiT keys, memory-mapped
+    read_sat_vae(path, trust_pickle=None) -> dict
     describe_transformer(state_dict, model_cfg=None) -> TransformerInfo  detection + diffusers config
     describe_vae(state_dict, model_cfg, scaling_factor, version) -> dict  diffusers VAE config
     check_flags(info, *, i2v, version, num_layers, num_attention_heads, use_rotary_positional_embeddings)
@@ -35,21 +35,19 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 import torch
 
 from sat_cogvideo.atomic import make_temp_dir
+from sat_cogvideo.checkpoint import SAT_PREFIX, load_checkpoint_file, read_state_dict, save_checkpoint
 from sat_cogvideo.errors import UserError
 from sat_cogvideo.convert.safetensors_io import open_weights_folder, write_streaming
 
-SAT_PREFIX = "model.diffusion_model."
 WEIGHTS = "diffusion_pytorch_model"
 T5_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
             "tokenizer.json")
@@ -64,64 +62,6 @@ def _log_default(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # reading SAT checkpoints
-
-def load_torch_file(path: str, *, trust_pickle: bool = False, what: str = "checkpoint") -> dict:
-    """``torch.load`` on CPU, memory-mapped, ``weights_only=True``; pickled objects only with ``trust_pickle``."""
-    if not os.path.exists(path):
-        raise UserError(f"{what} {path} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder, expected a file")
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path} ({err.strerror})") from None
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # zip (torch >= 1.6) or a legacy pickle
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip nor a pickle)")
-
-    def load(weights_only: bool):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err) and "zip" not in str(err).lower():
-                raise
-            # legacy (non-zip) serialisation cannot be memory-mapped: it is read whole
-            warnings.warn(f"{path} uses the legacy torch.save format; it is read into memory whole")
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
-
-    try:
-        try:
-            obj = load(weights_only=True)
-        except pickle.UnpicklingError as err:
-            if not trust_pickle:
-                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-                first = next((ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler" in ln), lines[0])
-                raise UserError(f"{path} holds Python objects that a safe (weights-only) load refuses ({first[:160]});"
-                                " if you trust the file, pass --trust-pickle") from None
-            warnings.warn(f"--trust-pickle: loading {path} with full unpickling; only do this for files you trust")
-            obj = load(weights_only=False)
-    except UserError:
-        raise
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        first = (str(err).strip().splitlines() or [repr(err)])[0]
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})") from None
-    if not isinstance(obj, Mapping):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
-
-
-def _unwrap(obj: Mapping, path: str) -> dict:
-    sd = obj
-    for key in ("module", "state_dict", "model"):
-        if isinstance(obj.get(key), Mapping):
-            sd = obj[key]
-            break
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise UserError(f"{path} holds no tensors under 'module', 'state_dict' or 'model': not a model checkpoint")
-    return tensors
-
 
 def resolve_transformer_path(path: str) -> str:
     """A SAT transformer ``.pt`` file, its iteration folder, its checkpoint folder (``latest``) or the SAT model
@@ -147,14 +87,14 @@ def resolve_vae_path(path: str) -> str:
     return path
 
 
-def read_sat_transformer(path: str, trust_pickle: bool = False, log: Callable = _log_default) -> dict:
+def read_sat_transformer(path: str, trust_pickle: Optional[bool] = None, log: Callable = _log_default) -> dict:
     """The DiT state dict (bare SAT keys, memory-mapped tensors) of a SAT transformer checkpoint.
 
     Engine checkpoints keep only ``model.diffusion_model.`` keys (a full finetune also stores the VAE and T5:
     ignored).  A file with DiT keys without the prefix is accepted as is.
     """
     file = resolve_transformer_path(path)
-    sd = _unwrap(load_torch_file(file, trust_pickle=trust_pickle, what="transformer checkpoint"), file)
+    sd = read_state_dict(load_checkpoint_file(file, trust_pickle, what="transformer checkpoint"))
     if any(k.startswith(SAT_PREFIX) for k in sd):
         other = [k for k in sd if not k.startswith(SAT_PREFIX)]
         if other:
@@ -185,10 +125,10 @@ def merge_lora(sd: Mapping, *, merge: bool, lora_alpha: float = 1.0, base: Optio
     return merge_lora_state_dict(sd, lora_alpha=lora_alpha, base=base)
 
 
-def read_sat_vae(path: str, trust_pickle: bool = False) -> dict:
+def read_sat_vae(path: str, trust_pickle: Optional[bool] = None) -> dict:
     """The VAE state dict of ``3d-vae.pt`` (memory-mapped tensors)."""
     file = resolve_vae_path(path)
-    sd = _unwrap(load_torch_file(file, trust_pickle=trust_pickle, what="VAE checkpoint"), file)
+    sd = read_state_dict(load_checkpoint_file(file, trust_pickle, what="VAE checkpoint"))
     if not any(k.startswith("encoder.") or k.startswith("decoder.") for k in sd):
         hint = " (it looks like a transformer checkpoint: pass it as --transformer_ckpt_path)" if any(
             "diffusion_model" in k or k.startswith("mixins.") for k in sd) else ""
@@ -512,7 +452,7 @@ def write_vae(folder: str, sd: Mapping, config: Mapping, *, dtype=torch.float32,
 
 
 def scheduler_config(snr_shift_scale: float) -> dict:
-    """``CogVideoXDDIMScheduler`` settings of the original converter (convert.md §6), SNR shift per model."""
+    """``CogVideoXDDIMScheduler`` settings of the original converter, SNR shift per model."""
     return {"snr_shift_scale": float(snr_shift_scale), "beta_start": 0.00085, "beta_end": 0.012,
             "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,
             "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "set_alpha_to_one": True,
@@ -562,7 +502,7 @@ def _t5_weights(folder: str) -> dict:
     for name in files:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            out.update(_unwrap(load_torch_file(path, what="T5 weights"), path))
+            out.update(read_state_dict(load_checkpoint_file(path, what="T5 weights")))
     if out:
         return out
     raise UserError(f"T5 folder {folder} holds no model.safetensors (or sharded index) or pytorch_model.bin")
@@ -655,6 +595,48 @@ class AtomicFolder:
         return False
 
 
+def _read_transformer(path: str, *, base_path: Optional[str], merge: bool, lora_alpha: float, model_cfg,
+                      flags: dict, trust_pickle: bool, log: Callable):
+    """The DiT state dict to convert (LoRA merged on request) and its :class:`TransformerInfo`, flags checked."""
+    tsd = read_sat_transformer(path, trust_pickle, log)
+    base = read_sat_transformer(base_path, trust_pickle, log) if base_path is not None else None
+    tsd = merge_lora(tsd, merge=merge, lora_alpha=lora_alpha, base=base)
+    info = describe_transformer(tsd, model_cfg)
+    check_flags(info, **flags)
+    log(f"transformer: {info.name}, CogVideoX {info.version}, {'I2V' if info.i2v else 'T2V'}, "
+        f"{info.detected.num_layers} layers, {info.num_attention_heads} heads")
+    return tsd, info
+
+
+def _pipeline_scalars(info, model_cfg, version: str, scaling_factor, snr_shift_scale, log: Callable):
+    """(VAE scaling factor, scheduler SNR shift, text length): the model's, or the flags' (with a warning when
+    they differ from a known model's)."""
+    if info is not None:
+        default_scale, default_shift, text_length = info.scale_factor, info.shift_scale, info.text_length
+    elif model_cfg:
+        from sat_cogvideo.families import detect_from_model_config
+
+        default_scale, default_shift, text_length = _model_scalars(model_cfg, detect_from_model_config(model_cfg))
+    else:  # the original tool's defaults (2B values) when nothing tells the model
+        default_scale, default_shift, text_length = 1.15258426, 3.0, (224 if version == "1.5" else 226)
+    scale = float(scaling_factor) if scaling_factor is not None else default_scale
+    shift = float(snr_shift_scale) if snr_shift_scale is not None else default_shift
+    if info is not None and scaling_factor is not None and abs(scale - default_scale) > 1e-9:
+        log(f"warning: --scaling_factor {scale} differs from this model's {default_scale}")
+    if info is not None and snr_shift_scale is not None and abs(shift - default_shift) > 1e-9:
+        log(f"warning: --snr_shift_scale {shift} differs from this model's {default_shift}")
+    return scale, shift, text_length
+
+
+def _text_encoder_source(path: Optional[str], cache_dir: Optional[str], log: Callable):
+    """(text encoder folder, tokenizer folder) of ``path``, or (None, None) with a note on using the pipeline."""
+    if path is not None:
+        return resolve_text_encoder_source(path, cache_dir)
+    log("no text encoder: the folder gets no text_encoder/ and tokenizer/; load it with "
+        "from_pretrained(path, text_encoder=None, tokenizer=None) and pass prompt_embeds")
+    return None, None
+
+
 def convert_sat_to_diffusers(output_path: str, *, transformer_ckpt_path: Optional[str] = None,
                              vae_ckpt_path: Optional[str] = None, config=None, dtype=torch.float32,
                              i2v: bool = False, version: Optional[str] = None, num_layers: Optional[int] = None,
@@ -676,49 +658,20 @@ def convert_sat_to_diffusers(output_path: str, *, transformer_ckpt_path: Optiona
         raise UserError("nothing to convert: pass --transformer_ckpt_path and/or --vae_ckpt_path")
     target = AtomicFolder(output_path, overwrite)
     model_cfg = load_model_config(config) if config else None
-
-    info = None
-    tsd = vsd = None
+    info = tsd = vsd = vae_config = None
     if transformer_ckpt_path is not None:
-        tsd = read_sat_transformer(transformer_ckpt_path, trust_pickle, log)
-        base = (read_sat_transformer(base_transformer_ckpt_path, trust_pickle, log)
-                if base_transformer_ckpt_path is not None else None)
-        tsd = merge_lora(tsd, merge=merge_lora_weights, lora_alpha=lora_alpha, base=base)
-        info = describe_transformer(tsd, model_cfg)
-        check_flags(info, i2v=i2v, version=version, num_layers=num_layers, num_attention_heads=num_attention_heads,
-                    use_rotary_positional_embeddings=use_rotary_positional_embeddings)
+        flags = dict(i2v=i2v, version=version, num_layers=num_layers, num_attention_heads=num_attention_heads,
+                     use_rotary_positional_embeddings=use_rotary_positional_embeddings)
+        tsd, info = _read_transformer(transformer_ckpt_path, base_path=base_transformer_ckpt_path,
+                                      merge=merge_lora_weights, lora_alpha=lora_alpha, model_cfg=model_cfg,
+                                      flags=flags, trust_pickle=trust_pickle, log=log)
         version = info.version
-        log(f"transformer: {info.name}, CogVideoX {info.version}, {'I2V' if info.i2v else 'T2V'}, "
-            f"{info.detected.num_layers} layers, {info.num_attention_heads} heads")
     version = str(version or "1.0")
-    if info is not None:
-        default_scale, default_shift, text_length = info.scale_factor, info.shift_scale, info.text_length
-    else:
-        # the original tool's defaults (2B values) when nothing tells the model
-        default_scale, default_shift, text_length = 1.15258426, 3.0, (224 if version == "1.5" else 226)
-        if model_cfg:
-            from sat_cogvideo.families import detect_from_model_config
-
-            default_scale, default_shift, text_length = _model_scalars(model_cfg,
-                                                                       detect_from_model_config(model_cfg))
-    scale = float(scaling_factor) if scaling_factor is not None else default_scale
-    shift = float(snr_shift_scale) if snr_shift_scale is not None else default_shift
-    if info is not None and scaling_factor is not None and abs(scale - default_scale) > 1e-9:
-        log(f"warning: --scaling_factor {scale} differs from this model's {default_scale}")
-    if info is not None and snr_shift_scale is not None and abs(shift - default_shift) > 1e-9:
-        log(f"warning: --snr_shift_scale {shift} differs from this model's {default_shift}")
-
-    vae_config = None
+    scale, shift, text_length = _pipeline_scalars(info, model_cfg, version, scaling_factor, snr_shift_scale, log)
     if vae_ckpt_path is not None:
         vsd = read_sat_vae(vae_ckpt_path, trust_pickle)
         vae_config = describe_vae(vsd, model_cfg, scale, version)
-
-    te_src = tok_src = None
-    if text_encoder_path is not None:
-        te_src, tok_src = resolve_text_encoder_source(text_encoder_path, text_encoder_cache_dir)
-    else:
-        log("no text encoder: the folder gets no text_encoder/ and tokenizer/; load it with "
-            "from_pretrained(path, text_encoder=None, tokenizer=None) and pass prompt_embeds")
+    te_src, tok_src = _text_encoder_source(text_encoder_path, text_encoder_cache_dir, log)
 
     with target as tmp:
         if tsd is not None:
@@ -756,22 +709,9 @@ def _read_config(folder: str) -> dict:
             raise UserError(f"{path} is not valid JSON") from None
 
 
-def convert_diffusers_to_sat(input_path: str, output_path: str, *, dtype=None, overwrite: bool = False,
-                             iteration: str = "1", log: Callable = _log_default) -> dict:
-    """Write a SAT model folder from a diffusers CogVideoX pipeline folder (or a transformer / VAE folder)::
-
-        <output>/transformer/latest, <output>/transformer/<iteration>/mp_rank_00_model_states.pt
-        <output>/vae/3d-vae.pt
-        <output>/t5-v1_1-xxl/          (T5 encoder + tokenizer in one folder, as the SAT release; if present)
-
-    Tensors keep their dtype unless ``dtype`` is given.  The 1.0 RoPE models also get SAT's unused
-    ``transformer.position_embeddings.weight`` (zeros, shape [64, hidden]) so the files look like the released
-    ones (and the family detection sees a RoPE model).
-    """
-    from sat_cogvideo.convert.transformer import diffusers_to_sat_transformer
-    from sat_cogvideo.convert.vae import convert_vae_diffusers_to_sat
-
-    input_path = os.fspath(input_path)
+def _diffusers_parts(input_path: str) -> dict:
+    """``{part: folder}`` of a diffusers pipeline folder (transformer, vae, text_encoder, tokenizer) or of a single
+    transformer / VAE folder."""
     if not os.path.isdir(input_path):
         raise UserError(f"{input_path} is not a folder: pass a diffusers pipeline folder (with model_index.json) "
                         "or its transformer/ folder")
@@ -790,55 +730,79 @@ def convert_diffusers_to_sat(input_path: str, output_path: str, *, dtype=None, o
             raise UserError(f"{input_path}/config.json describes {cls!r}, not a CogVideoX transformer or VAE")
     if "transformer" not in parts and "vae" not in parts:
         raise UserError(f"{input_path} holds neither transformer/ nor vae/: nothing to convert")
+    return parts
+
+
+def _read_diffusers_transformer(folder: str, dtype) -> dict:
+    """SAT engine keys of a diffusers transformer folder; 1.0 RoPE models get SAT's unused (zero) position table."""
+    from sat_cogvideo.convert.transformer import diffusers_to_sat_transformer
+
+    tcfg = _read_config(folder)
+    if tcfg.get("_class_name") not in (None, "CogVideoXTransformer3DModel"):
+        raise UserError(f"{folder} holds a {tcfg.get('_class_name')}, not a CogVideoX transformer")
+    tsd = diffusers_to_sat_transformer(open_weights_folder(folder, WEIGHTS), prefix=SAT_PREFIX)
+    hidden = int(tcfg.get("num_attention_heads", 30)) * int(tcfg.get("attention_head_dim", 64))
+    if tcfg.get("use_rotary_positional_embeddings") and tcfg.get("patch_size_t") is None:
+        ref = tsd[SAT_PREFIX + "mixins.patch_embed.proj.weight"]
+        tsd[SAT_PREFIX + "transformer.position_embeddings.weight"] = torch.zeros(64, hidden, dtype=ref.dtype)
+    if dtype is not None:
+        tsd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tsd.items()}
+    return tsd
+
+
+def _read_diffusers_vae(folder: str):
+    """(SAT ``3d-vae.pt`` state dict, the diffusers config's scaling factor)."""
+    from sat_cogvideo.convert.vae import convert_vae_diffusers_to_sat
+
+    vcfg = _read_config(folder)
+    if vcfg.get("_class_name") not in (None, "AutoencoderKLCogVideoX"):
+        raise UserError(f"{folder} holds a {vcfg.get('_class_name')}, not a CogVideoX VAE")
+    return convert_vae_diffusers_to_sat(open_weights_folder(folder, WEIGHTS)), vcfg.get("scaling_factor")
+
+
+def _copy_t5(text_encoder: str, tokenizer: str, t5: str) -> None:
+    """One T5 folder (encoder weights + tokenizer files), as the SAT release ships ``t5-v1_1-xxl``."""
+    os.makedirs(t5)
+    for src in (text_encoder, tokenizer):
+        for name in os.listdir(src):
+            shutil.copyfile(os.path.join(src, name), os.path.join(t5, name))
+
+
+def convert_diffusers_to_sat(input_path: str, output_path: str, *, dtype=None, overwrite: bool = False,
+                             iteration: str = "1", log: Callable = _log_default) -> dict:
+    """Write a SAT model folder from a diffusers CogVideoX pipeline folder (or a transformer / VAE folder)::
+
+        <output>/transformer/latest, <output>/transformer/<iteration>/mp_rank_00_model_states.pt
+        <output>/vae/3d-vae.pt
+        <output>/t5-v1_1-xxl/          (T5 encoder + tokenizer in one folder, as the SAT release; if present)
+
+    Tensors keep their dtype unless ``dtype`` is given.  The 1.0 RoPE models also get SAT's unused
+    ``transformer.position_embeddings.weight`` (zeros, shape [64, hidden]) so the files look like the released
+    ones (and the family detection sees a RoPE model).
+    """
+    from sat_cogvideo.families import detect_from_state_dict
+
+    parts = _diffusers_parts(os.fspath(input_path))
     target = AtomicFolder(output_path, overwrite)
     summary = {"output": target.path}
-
-    tcfg = tsd = None
-    if "transformer" in parts:
-        tcfg = _read_config(parts["transformer"])
-        if tcfg.get("_class_name") not in (None, "CogVideoXTransformer3DModel"):
-            raise UserError(f"{parts['transformer']} holds a {tcfg.get('_class_name')}, not a CogVideoX transformer")
-        hf = open_weights_folder(parts["transformer"], WEIGHTS)
-        tsd = diffusers_to_sat_transformer(hf, prefix=SAT_PREFIX)
-        hidden = int(tcfg.get("num_attention_heads", 30)) * int(tcfg.get("attention_head_dim", 64))
-        if tcfg.get("use_rotary_positional_embeddings") and tcfg.get("patch_size_t") is None:
-            ref = tsd[SAT_PREFIX + "mixins.patch_embed.proj.weight"]
-            tsd[SAT_PREFIX + "transformer.position_embeddings.weight"] = torch.zeros(64, hidden, dtype=ref.dtype)
-        if dtype is not None:
-            tsd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tsd.items()}
+    tsd = _read_diffusers_transformer(parts["transformer"], dtype) if "transformer" in parts else None
     vsd = None
     if "vae" in parts:
-        vcfg = _read_config(parts["vae"])
-        if vcfg.get("_class_name") not in (None, "AutoencoderKLCogVideoX"):
-            raise UserError(f"{parts['vae']} holds a {vcfg.get('_class_name')}, not a CogVideoX VAE")
-        vsd = convert_vae_diffusers_to_sat(open_weights_folder(parts["vae"], WEIGHTS))
-        summary["vae_scaling_factor"] = vcfg.get("scaling_factor")
+        vsd, summary["vae_scaling_factor"] = _read_diffusers_vae(parts["vae"])
 
     with target as tmp:
         if tsd is not None:
-            from sat_cogvideo.families import detect_from_state_dict
-
-            det = detect_from_state_dict(tsd)
-            tdir = os.path.join(tmp, "transformer")
-            os.makedirs(os.path.join(tdir, str(iteration)))
-            torch.save({"module": tsd, "iteration": int(iteration) if str(iteration).isdigit() else iteration},
-                       os.path.join(tdir, str(iteration), "mp_rank_00_model_states.pt"))
-            with open(os.path.join(tdir, "latest"), "w") as f:
-                f.write(f"{iteration}\n")
-            summary["detected"] = det
+            det = summary["detected"] = detect_from_state_dict(tsd)
+            save_checkpoint(os.path.join(tmp, "transformer"), tsd, iteration)
             fam = det.family
             log(f"transformer: CogVideoX {det.generation} {'I2V' if det.i2v else 'T2V'}, {det.num_layers} layers"
                 + (f" = {fam.name}: use --base {fam.config}" if fam else ""))
         if vsd is not None:
-            os.makedirs(os.path.join(tmp, "vae"))
-            torch.save({"state_dict": vsd}, os.path.join(tmp, "vae", "3d-vae.pt"))
+            from sat_cogvideo.vae_modules import save_vae_checkpoint
+
+            save_vae_checkpoint(vsd, os.path.join(tmp, "vae", "3d-vae.pt"))
         if "text_encoder" in parts and "tokenizer" in parts:
-            t5 = os.path.join(tmp, "t5-v1_1-xxl")
-            os.makedirs(t5)
-            for name in os.listdir(parts["text_encoder"]):
-                shutil.copyfile(os.path.join(parts["text_encoder"], name), os.path.join(t5, name))
-            for name in os.listdir(parts["tokenizer"]):
-                shutil.copyfile(os.path.join(parts["tokenizer"], name), os.path.join(t5, name))
+            _copy_t5(parts["text_encoder"], parts["tokenizer"], os.path.join(tmp, "t5-v1_1-xxl"))
             summary["t5"] = True
     log(f"wrote {target.path}")
     return summary

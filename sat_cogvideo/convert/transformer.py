@@ -1,4 +1,4 @@
-"""SAT <-> diffusers key map of the CogVideoX transformer, all five families (spec ``convert.md`` §3-4).
+"""SAT <-> diffusers key map of the CogVideoX transformer, all five families (the renames of the original's ``tools/convert_weight_sat2hf.py``, both ways).
 
 The map is one table, :data:`TRANSFORMER_KEY_MAP`, read in both directions.  Each rule names a SAT key pattern and
 the diffusers key pattern(s) it becomes; ``{i}`` is a layer index and ``{p}`` ``weight`` or ``bias``.  A SAT tensor
@@ -26,9 +26,9 @@ from typing import Mapping
 
 import torch
 
+from sat_cogvideo.checkpoint import SAT_PREFIX
 from sat_cogvideo.errors import UserError
 
-SAT_PREFIX = "model.diffusion_model."
 
 
 @dataclass(frozen=True)
@@ -231,26 +231,21 @@ def _network_params(network_config: Mapping) -> dict:
     return dict(cfg)
 
 
-def diffusers_transformer_config(network_config: Mapping, *, sample_size: tuple[int, int] | None = None) -> dict:
-    """``CogVideoXTransformer3DModel`` config (init kwargs) for a SAT ``network_config`` (or its ``params``).
-
-    ``sample_size`` = (latent height, latent width) of diffusers' default resolution.  Default: the configured
-    latent size for 1.0 (60 x 90 for the releases); 96 x 170 (768 x 1360 px) for 1.5, whose SAT config gives only
-    the 300 x 300 maximum.  ``norm_eps`` is diffusers' 1e-5, as in the released diffusers configs: diffusers uses it
-    for the final adaLN LayerNorm too, where SAT has 1e-6 (spec transformer.md §15).
-    """
-    p = _network_params(network_config)
-    modules = _plain(p.get("modules") or {})
-    patch = _plain(p["patch_size"])
-    v15 = not isinstance(patch, int)
-    pt, ph, pw = (1, patch, patch) if not v15 else tuple(patch)
-    if ph != pw:
+def _check_diffusers_counterparts(p: Mapping, patch) -> None:
+    """Refuse network options that ``CogVideoXTransformer3DModel`` cannot express."""
+    spatial = (patch, patch) if isinstance(patch, int) else tuple(patch)[1:]
+    if spatial[0] != spatial[1]:
         raise UserError(f"diffusers needs square spatial patches, the config has patch_size {patch}")
     for flag in ("use_SwiGLU", "use_RMSNorm"):
         if p.get(flag):
             raise UserError(f"network_config {flag}: true has no diffusers counterpart")
     if p.get("num_classes") is not None:
         raise UserError("network_config num_classes has no diffusers counterpart")
+
+
+def _position_embedding(modules: Mapping, p: Mapping):
+    """(rotary, learned table, height/width interpolation, time interpolation, text length) of the config's
+    ``pos_embed_config``."""
     pos_cfg = modules.get("pos_embed_config", {})
     pos_target = str(pos_cfg.get("target", ""))
     pos_params = dict(pos_cfg.get("params") or {})
@@ -263,7 +258,24 @@ def diffusers_transformer_config(network_config: Mapping, *, sample_size: tuple[
     ti = pos_params.get("time_interpolation", p.get("time_interpolation", 1.0))
     if not rotary and hi != wi:
         raise UserError(f"diffusers has one spatial interpolation scale; the config has height {hi}, width {wi}")
-    text_length = int(pos_params.get("text_length", 226))
+    return rotary, learned, hi, ti, int(pos_params.get("text_length", 226))
+
+
+def diffusers_transformer_config(network_config: Mapping, *, sample_size: tuple[int, int] | None = None) -> dict:
+    """``CogVideoXTransformer3DModel`` config (init kwargs) for a SAT ``network_config`` (or its ``params``).
+
+    ``sample_size`` = (latent height, latent width) of diffusers' default resolution.  Default: the configured
+    latent size for 1.0 (60 x 90 for the releases); 96 x 170 (768 x 1360 px) for 1.5, whose SAT config gives only
+    the 300 x 300 maximum.  ``norm_eps`` is diffusers' 1e-5, as in the released diffusers configs: diffusers uses it
+    for the final adaLN LayerNorm too, where SAT has 1e-6.
+    """
+    p = _network_params(network_config)
+    modules = _plain(p.get("modules") or {})
+    patch = _plain(p["patch_size"])
+    v15 = not isinstance(patch, int)
+    pt, ph, pw = (1, patch, patch) if not v15 else tuple(patch)
+    _check_diffusers_counterparts(p, patch)
+    rotary, learned, hi, ti, text_length = _position_embedding(modules, p)
     patch_params = dict((modules.get("patch_embed_config") or {}).get("params") or {})
     hidden, heads = int(p["hidden_size"]), int(p["num_attention_heads"])
     if sample_size is None:

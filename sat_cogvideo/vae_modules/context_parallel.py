@@ -6,8 +6,9 @@ Maps to the context-parallel globals of the original ``sgm/util.py`` (``initiali
 Two layers of state:
 
 * the *configured* CP group (``set_context_parallel_group`` / ``initialize_context_parallel``), as the
-  original keeps it globally; without a process group the CP size is 1 and the rank 0 (original quirk Q7
-  fixed), and ``initialize_context_parallel`` lets every rank create every group (Q9 fixed);
+  original keeps it globally; without a process group the CP size is 1 and the rank 0 (the original
+  failed there), and ``initialize_context_parallel`` lets every rank create every group, as torch.distributed
+  requires (the original created only its own);
 * the *active* region (:func:`context_parallel_region`): the VAE layers exchange frames only inside it.
   ``VideoAutoencoderInferenceWrapper`` opens it around its encoder/decoder call when its ``cp_size > 1``, so
   the model code stays plain math outside (a directly called decoder never talks to other ranks).

@@ -1,7 +1,7 @@
 """Building blocks, encoder and decoder of the CogVideoX 3D causal VAE.
 
 Maps to ``sat/vae_modules/cp_enc_dec.py`` of CogVideoX: same class names, constructor parameters, forward
-signatures and state-dict keys.  Behaviour follows the v1.0 tag and diffusers (the decisions of the spec):
+signatures and state-dict keys.  Behaviour follows the v1.0 tag and diffusers (README, "Differences from the original"):
 
 * first-frame rule: in a single process, the first frame is handled separately by the temporal
   down/up-sampling and the spatial norm iff the current time length is odd ("parity rule"), so 4N+1 frames

@@ -51,7 +51,8 @@ class VanillaCFG:
             dyn_thresh_config,
             {"target": "sgm.modules.diffusionmodules.sampling_utils.NoDynamicThresholding"}))
 
-    def __call__(self, x, sigma, scale=None):
+    def __call__(self, x, sigma, scale=None, step_index=None):
+        """``step_index`` (passed by the samplers to every guider) is ignored: the weight is constant."""
         x_u, x_c = x.chunk(2)
         return self.dyn_thresh(x_u, x_c, default(scale, self.scale))
 
@@ -62,9 +63,9 @@ class VanillaCFG:
 class DynamicCFG(VanillaCFG):
     """Guidance weight ``1 + scale * (1 - cos(pi * (step_index / num_steps) ** exp)) / 2`` (original ``DynamicCFG``).
 
-    The samplers pass ``step_index = num_steps - t`` with the DDPM timestep ``t`` (999, 979, ...), so the weight
-    follows an erratic but fixed sequence; the released models were tuned with it and diffusers'
-    ``use_dynamic_cfg`` computes the same.  Evaluated in Python float64, like the original.
+    The samplers pass ``step_index = n - t`` with each call (``n`` the steps of the run, ``t`` the DDPM timestep
+    999, 979, ...), so the weight follows an erratic but fixed sequence; the released models were tuned with it
+    and diffusers' ``use_dynamic_cfg`` computes the same.  Evaluated in Python float64, like the original.
     """
 
     def __init__(self, scale, exp, num_steps, dyn_thresh_config=None):
