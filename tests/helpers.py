@@ -1,7 +1,27 @@
-"""Helpers shared by the tests."""
+"""Helpers shared by the tests (fixtures defined here are registered for every module by conftest.py)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+DEMO_FAMILIES = ("cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v")
+# launcher / SLURM / torch.distributed variables of the test process must not leak into child processes
+LEAK = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_", "PROMPT", "MODEL_PATH",
+        "OUTPUT_", "NUM_", "DTYPE", "FPS", "FAMILY", "GENERATE_TYPE", "IMAGE_OR_VIDEO_PATH", "LAUNCHER", "NPROC")
+
+
+# ------------------------------------------------------------------------------------------------ numbers
 
 
 @torch.no_grad()
@@ -25,3 +45,373 @@ def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest reference magnitude."""
     ours, ref = ours.detach().double(), ref.detach().double()
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------ the tiny demo model
+
+
+@pytest.fixture(scope="session")
+def demo_paths(dist_cpu):
+    """The tiny random-weight models of the demo (T5 folder, 3d-vae.pt, SAT transformer folders of all five
+    families), built once per session in the session's cache (``$SAT_COGVIDEO_DEMO``, set by conftest.py)."""
+    from sat_cogvideo import demo
+
+    return demo.build_demo(os.environ["SAT_COGVIDEO_DEMO"], models=demo.DEMO_MODELS)
+
+
+def model_config(name: str):
+    from omegaconf import OmegaConf
+
+    from sat_cogvideo.demo import tiny_config_path
+
+    cfg = OmegaConf.load(tiny_config_path(name)).model
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def make_engine(name: str, paths, dtype: str = "fp32", load: bool = True, num_steps: int | None = None,
+                sampler: str | None = None, **overrides):
+    from omegaconf import open_dict
+
+    from sat_cogvideo.diffusion_video import SATVideoDiffusionEngine
+    from sat_cogvideo.sample_video import SAMPLERS, load_transformer_checkpoint
+
+    cfg = model_config(name)
+    with open_dict(cfg):
+        if num_steps is not None:
+            cfg.sampler_config.params.num_steps = num_steps
+            cfg.sampler_config.params.guider_config.params.num_steps = num_steps
+        if sampler is not None:
+            cfg.sampler_config.target = SAMPLERS[sampler]
+        cfg.sampler_config.params.verbose = False
+        for k, v in overrides.items():
+            cfg[k] = v
+    args = SimpleNamespace(model_config=cfg, fp16=dtype == "fp16", bf16=dtype == "bf16", device="cpu")
+    engine = SATVideoDiffusionEngine(args)
+    if load:
+        load_transformer_checkpoint(engine, paths[name])
+    return engine.eval()
+
+
+def text_cond(engine, text="a cat"):
+    from sat_cogvideo.sample_video import conditionings
+
+    return conditionings(engine, text, torch.device("cpu"))
+
+
+def sample_argv(paths, name="cogvideox_5b", steps=2):
+    """``sample_video`` arguments for the tiny ``name`` without --prompt/--output-path (each test adds its own)."""
+    from sat_cogvideo.demo import demo_argv
+
+    argv = demo_argv(paths, name, "unused.mp4", steps=steps)
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        if a in ("--prompt", "--output-path"):
+            skip = 1
+            continue
+        out.append(a)
+    return out
+
+
+def write_image(path, height, width, seed=0) -> str:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(str(path))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers pipelines
+
+
+def diffusers_pipeline(engine, kind: str):
+    """The diffusers pipeline (t2v / i2v / v2v) holding ``engine``'s weights, converted by our key maps."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXPipeline, CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline)
+
+    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
+    from sat_cogvideo.convert.vae import convert_vae_sat_to_diffusers, diffusers_vae_config
+
+    mc = engine.model_config
+    net = mc.network_config.params
+    cfg = diffusers_transformer_config(mc.network_config, sample_size=(int(net.latent_height), int(net.latent_width)))
+    transformer = CogVideoXTransformer3DModel(**cfg).eval()
+    sd = sat_to_diffusers_transformer(engine.state_dict(),
+                                      learned_positional_embeddings=cfg["use_learned_positional_embeddings"])
+    transformer.load_state_dict(sd, strict=True)
+    transformer.norm_out.norm.eps = 1e-6  # SAT's final-norm eps
+    vae = AutoencoderKLCogVideoX(**diffusers_vae_config(mc.first_stage_config, scaling_factor=engine.scale_factor,
+                                                        version=engine.generation)).eval()
+    vae_sd = {k[len("first_stage_model."):]: v for k, v in engine.state_dict().items()
+              if k.startswith("first_stage_model.")}
+    vae.load_state_dict(convert_vae_sat_to_diffusers(vae_sd), strict=True)
+    shift = float(mc.denoiser_config.params.discretization_config.get("params", {}).get("shift_scale", 1.0))
+    scheduler = CogVideoXDPMScheduler(snr_shift_scale=shift, beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                      rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                                      timestep_spacing="trailing", clip_sample=False)
+    emb = engine.conditioner.embedders[0]
+    cls = {"t2v": CogVideoXPipeline, "i2v": CogVideoXImageToVideoPipeline, "v2v": CogVideoXVideoToVideoPipeline}[kind]
+    pipe = cls(tokenizer=emb.tokenizer, text_encoder=emb.transformer, vae=vae, transformer=transformer,
+               scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def use_diffusers_schedule(engine, scheduler):
+    """Give our denoiser table and sampling schedule diffusers' ᾱ table (same timesteps 999, 899, …, 99)."""
+    table = scheduler.alphas_cumprod.to(torch.float64).sqrt().to(torch.float32)
+    engine.denoiser.sigmas = table.clone()
+    original = engine.sampler.discretization
+
+    class DiffusersTable:
+        def __call__(self, n, do_append_zero=True, device="cpu", flip=False, return_idx=False):
+            _, ts = original(n, device=device, return_idx=True, do_append_zero=False)
+            idx = torch.as_tensor(np.array(ts, dtype=np.int64))
+            s = table[idx].flip(0).to(device)
+            return (s, ts) if return_idx else s
+
+    engine.sampler.discretization = DiffusersTable()
+
+
+def run_diffusers(pipe, kind, c, uc, size, seed, steps, image=None, video=None, strength=0.8, dynamic=True):
+    """Latents ``[1, T, C, h, w]`` (scaled) and the decoded video ``[F, 3, H, W]`` of a diffusers pipeline run
+    with our prompt embeddings (``c``, and SAT's all-zero ``uc`` as the negative prompt)."""
+    num_frames, H, W = size
+    kwargs = dict(prompt_embeds=c["crossattn"], negative_prompt_embeds=uc["crossattn"], height=H, width=W,
+                  num_inference_steps=steps, guidance_scale=6.0, use_dynamic_cfg=dynamic, output_type="latent",
+                  return_dict=False)
+    if kind == "v2v":
+        kwargs.update(video=video, strength=strength)
+    else:
+        kwargs.update(num_frames=num_frames)
+    if kind == "i2v":
+        kwargs.update(image=image)
+    torch.manual_seed(seed)
+    latents = pipe(**kwargs)[0]
+    # decode the way the pipelines do for output_type="pt" (1.5: the padding latent frame dropped)
+    t_latent = (num_frames - 1) // 4 + 1
+    extra = latents.shape[1] - t_latent
+    frames = pipe.decode_latents(latents[:, extra:])
+    video_out = pipe.video_processor.postprocess_video(frames, output_type="pt")
+    return latents, video_out[0]
+
+
+# ------------------------------------------------------------------------------------------------ tiny DiTs
+
+
+def network_config(family: str, tiny: bool = True):
+    """``model.network_config`` of a family's YAML (tiny or full size)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(ROOT, "configs", "tiny" if tiny else "", f"{family}.yaml")
+    return OmegaConf.load(path).model.network_config
+
+
+def build(family: str, tiny: bool = True, **overrides):
+    from omegaconf import OmegaConf
+
+    from sgm.util import instantiate_from_config
+
+    cfg = network_config(family, tiny)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, f"params.{key}", value, merge=False)
+    return instantiate_from_config(cfg), cfg
+
+
+def reset_fixed_tables(model):
+    """Recompute the tables that are not weights (sincos / RoPE) after ``randomize_``."""
+    pos = model.mixins["pos_embed"]
+    if hasattr(pos, "reset_tables"):
+        pos.reset_tables()
+    else:
+        pos.reset_table()
+
+
+def random_model(family: str, seed: int = 0, **overrides):
+    model, cfg = build(family, **overrides)
+    randomize_(model, seed)
+    reset_fixed_tables(model)
+    return model.eval(), cfg
+
+
+def inputs(model, cfg, batch=2, seed=1, scale=1.0):
+    """Latents, timesteps, context (and ofs) of the shapes the model's config implies."""
+    p = cfg.params
+    pos = p.modules.pos_embed_config.params
+    gen = torch.Generator().manual_seed(seed)
+    if model.is_v15:
+        t, h, w = 2 * min(2, model.compressed_num_frames // 2), min(p.latent_height, 8), min(p.latent_width, 12)
+    else:
+        t, h, w = model.compressed_num_frames, p.latent_height, p.latent_width
+    x = torch.randn(batch, t, p.in_channels, h, w, generator=gen) * scale
+    ctx = torch.randn(batch, pos.text_length, p.modules.patch_embed_config.params.text_hidden_size,
+                      generator=gen) * scale
+    ts = torch.tensor([999.0, 417.0][:batch])
+    extra = {"ofs": torch.tensor([2.0])} if p.get("ofs_embed_dim") else {}
+    return x, ts, ctx, extra
+
+
+def diffusers_model(cfg, sat_state_dict, final_eps=1e-6):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
+
+    p = cfg.params
+    conf = diffusers_transformer_config(cfg, sample_size=(p.latent_height, p.latent_width))
+    hf = CogVideoXTransformer3DModel(**conf).eval()
+    # By construction diffusers uses norm_eps (1e-5) in the final adaLN LayerNorm, SAT 1e-6 (spec transformer.md
+    # §15).  SAT's value is what we ship; the test sets diffusers to it to compare everything else.
+    hf.norm_out.norm.eps = final_eps
+    converted = sat_to_diffusers_transformer(
+        sat_state_dict, learned_positional_embeddings=conf["use_learned_positional_embeddings"])
+    hf.load_state_dict(converted, strict=True)
+    return hf, conf
+
+
+def diffusers_rope(conf, x):
+    """The RoPE tables diffusers' pipelines compute for latents ``x`` (1.0 crop grid / 1.5 slice grid)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    if not conf["use_rotary_positional_embeddings"]:
+        return None
+    p, pt = conf["patch_size"], conf["patch_size_t"]
+    _, t, _, h, w = x.shape
+    gh, gw = h // p, w // p
+    base_h, base_w = conf["sample_height"] // p, conf["sample_width"] // p
+    if pt is None:
+        crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
+        return get_3d_rotary_pos_embed(conf["attention_head_dim"], crops, (gh, gw), t)
+    return get_3d_rotary_pos_embed(conf["attention_head_dim"], None, (gh, gw), t // pt, grid_type="slice",
+                                   max_size=(base_h, base_w))
+
+
+def run_both(model, hf, conf, x, ts, ctx, extra):
+    with torch.no_grad():
+        ours = model(x, ts, ctx, **extra)
+        ref = hf(x, ctx, ts, ofs=extra.get("ofs"), image_rotary_emb=diffusers_rope(conf, x), return_dict=False)[0]
+    return ours, ref
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+
+
+def clean_env(**kw):
+    """``os.environ`` without launcher / SLURM / torch.distributed variables, plus ``kw``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LEAK)}
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def read_frames(path):
+    import imageio.v3 as iio
+
+    return np.stack(list(iio.imiter(str(path), plugin="FFMPEG")))
+
+
+# Waits of the tests that start processes: a hang shows within minutes (CI has 90 minutes for everything).
+TRAIN_TIMEOUT = 300        # one tiny finetuning run (1-2 processes) on 2 cores: 20-60 s
+SLURM_JOB_TIMEOUT = 300    # one sbatch --wait of the tiny model
+SLURM_STATE_TIMEOUT = 180  # a job to reach a terminal state
+
+
+def train_env(demo, threads=1, **extra):
+    env = clean_env(SAT_COGVIDEO_DEMO=demo, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_train(demo, argv, nproc=1, script=None, **env):
+    """Run the finetune CLI (``python -m sat_cogvideo.train_video``, ``torchrun`` for ``nproc`` > 1, or the Python
+    file ``script`` in its place) in the folder above ``--save`` (SAT writes TensorBoard logs to ./runs); returns
+    the completed process (asserts success).  With ``SAT_COGVIDEO_FINAL_STATE=FILE`` the CLI runs through
+    ``tests/train_final_state.py``, which writes the final engine state there."""
+    cwd = os.path.dirname(os.path.abspath(argv[argv.index("--save") + 1]))
+    if script is None and env.get("SAT_COGVIDEO_FINAL_STATE"):
+        script = os.path.join(ROOT, "tests", "train_final_state.py")
+    target = [str(script)] if script else ["-m", "sat_cogvideo.train_video"]
+    if nproc > 1:
+        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
+    else:
+        cmd = [PY, *target]
+    out = subprocess.run(cmd + [str(a) for a in argv], env=train_env(demo, threads=1 if nproc > 1 else 2, **env),
+                         cwd=cwd, capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def run_folder(save):
+    import glob
+
+    runs = [d for d in glob.glob(os.path.join(str(save), "*")) if os.path.isdir(d)]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+# ------------------------------------------------------------------------------------------------ SLURM
+
+
+SLURM_LOCK = os.environ.get("SAT_COGVIDEO_SLURM_LOCK", "/tmp/sat-cogvideo-slurm-local.lock")
+
+
+@contextlib.contextmanager
+def slurm_cluster_lock(timeout: float = 1800.0, path: str = SLURM_LOCK, poll: float = 1.0):
+    """Serialise the test runs that start the one-node SLURM of ``scripts/slurm_local.sh``: they share the
+    machine's one munge daemon (the first run's ``down`` would stop it under the second) and slurmd's node name.
+    Waits up to ``timeout`` seconds for a concurrent run to finish, then raises TimeoutError."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another test run holds {path} (a local SLURM cluster is in use) for more "
+                                       f"than {timeout:.0f} s") from None
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield path
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ finetune.sh
+
+
+@pytest.fixture(scope="session")
+def finetune_sh_run(tmp_path_factory, session_cache):
+    """``bash finetune.sh`` without arguments (the tiny demo: 4 LoRA iterations of the tiny CogVideoX-2B on CPU),
+    run once per session in a folder of its own; its output and run folder (``outputs/tiny_ckpts/tiny-lora-*``)."""
+    import glob
+
+    cwd = tmp_path_factory.mktemp("finetune_sh")
+    demo = os.environ["SAT_COGVIDEO_DEMO"]
+    env = clean_env(SAT_COGVIDEO_DEMO=demo, OMP_NUM_THREADS=2)
+    out = subprocess.run(["bash", os.path.join(ROOT, "finetune.sh")], cwd=str(cwd), env=env, capture_output=True,
+                         text=True, timeout=TRAIN_TIMEOUT)
+    runs = glob.glob(str(cwd / "outputs" / "tiny_ckpts" / "tiny-lora-*"))
+    return SimpleNamespace(proc=out, cwd=cwd, demo=demo, runs=runs)
+
+
+@pytest.fixture(scope="session")
+def tiny_sat_folder(tmp_path_factory, session_cache):
+    """A SAT model folder (transformer/, vae/3d-vae.pt, t5/) holding the tiny random-weight demo CogVideoX-5B."""
+    from sat_cogvideo.demo import build_demo
+
+    paths = build_demo(os.environ["SAT_COGVIDEO_DEMO"], models=("cogvideox_5b",))
+    folder = tmp_path_factory.mktemp("tiny") / "CogVideoX-tiny-SAT"
+    folder.mkdir()
+    os.symlink(paths["cogvideox_5b"], folder / "transformer")
+    os.symlink(os.path.dirname(paths["vae"]), folder / "vae")
+    os.symlink(paths["t5"], folder / "t5")
+    return str(folder)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,17 +47,10 @@ def _hf2sat(argv):
 
 
 @pytest.fixture(scope="module")
-def sat_models(tmp_path_factory, dist_cpu):
-    from sat_cogvideo.demo import build_demo
-
-    folder = tmp_path_factory.mktemp("sat_models")
-    old = os.environ.get("SAT_COGVIDEO_DEMO")
-    paths = build_demo(str(folder), models=tuple(FAMILIES))
-    yield paths
-    if old is None:
-        os.environ.pop("SAT_COGVIDEO_DEMO", None)
-    else:
-        os.environ["SAT_COGVIDEO_DEMO"] = old
+def sat_models(demo_paths):
+    """The session's tiny demo models: all five families."""
+    assert all(f in demo_paths for f in FAMILIES)
+    return demo_paths
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +170,9 @@ def test_pipeline_folder_loads_and_matches_sat(model, sat_models, converted):
         err6 = max_rel_err(ours, ref6)
         print(f"{model} t={t}: DiT vs converted diffusers transformer, max rel err {err:.2e} "
               f"({err6:.2e} with SAT's final-norm eps)")
-        assert err < 2e-5, (t, err)  # final-norm eps 1e-6 (SAT) vs 1e-5 (diffusers, released configs)
-        assert err6 < 1e-6, (t, err6)
+        # the bounds docs/convert.md states (measured: ≤ 3e-7 and ≤ 5e-6 on x86 CPUs)
+        assert err6 <= 1e-6, (t, err6)
+        assert err <= 1e-5, (t, err)  # final-norm eps 1e-6 (SAT) vs 1e-5 (diffusers, released configs)
 
 
 @pytest.mark.parametrize("model", ["cogvideox_2b", "cogvideox1.5_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b_i2v"])
@@ -390,7 +385,7 @@ def test_bad_input_is_one_line_exit_2(sat_models, converted, tmp_path, capsys):
     _expect_error(["--transformer_ckpt_path", str(tmp_path / "missing.pt")] + out, capsys, "does not exist")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     _expect_error(["--transformer_ckpt_path", str(tmp_path / "junk.pt")] + out, capsys, "junk.pt",
-                  "not a readable PyTorch checkpoint")
+                  "is not a PyTorch checkpoint")
     _expect_error(["--transformer_ckpt_path", sat_models["vae"]] + out, capsys, "pass it as --vae_ckpt_path")
     _expect_error(["--vae_ckpt_path", os.path.join(sat_models["cogvideox_2b"], "1", "mp_rank_00_model_states.pt")]
                   + out, capsys, "pass it as --transformer_ckpt_path")
@@ -425,14 +420,20 @@ def test_bad_input_is_one_line_exit_2(sat_models, converted, tmp_path, capsys):
         _hf2sat(["--input_path", str(tmp_path / "nothing"), "--output_path", str(tmp_path / "x")])
     assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
-    # a pickled (non weights-only) checkpoint needs --trust-pickle
+    # a pickled (non weights-only) checkpoint needs --trust-pickle; NumPy RNG states (the original's) load safely
+    import argparse
+
     import numpy as np
 
     sd = torch.load(os.path.join(sat_models["cogvideox_5b"], "1", "mp_rank_00_model_states.pt"), weights_only=True)
-    sd["rng"] = np.random.get_state()
+    sd["np_rng_state"] = np.random.get_state()
+    torch.save(sd, tmp_path / "numpy.pt")
+    assert _sat2hf(["--transformer_ckpt_path", str(tmp_path / "numpy.pt")] + out) == 0
+    shutil.rmtree(tmp_path / "out")
+    sd["args"] = argparse.Namespace(lr=1.0)
     torch.save(sd, tmp_path / "pickled.pt")
     _expect_error(["--transformer_ckpt_path", str(tmp_path / "pickled.pt")] + out, capsys, "--trust-pickle")
-    with pytest.warns(UserWarning, match="only do this for files you trust"):
+    with pytest.warns(UserWarning, match="--trust-pickle: unpickling .*pickled.pt fully"):
         assert _sat2hf(["--transformer_ckpt_path", str(tmp_path / "pickled.pt"), "--trust-pickle"] + out) == 0
 
 

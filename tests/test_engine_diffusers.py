@@ -23,66 +23,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import max_rel_err
-from test_engine import demo_paths, make_engine  # noqa: F401  (fixture)
+import helpers
+from helpers import diffusers_pipeline, make_engine, max_rel_err, use_diffusers_schedule
 
 STEPS = 5  # a divisor of 1000: SAT and diffusers then pick the same timesteps
 SEED = 1234
 TOL = 1e-4
 
 
-def diffusers_pipeline(engine, kind: str):
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline,
-                           CogVideoXPipeline, CogVideoXTransformer3DModel, CogVideoXVideoToVideoPipeline)
-
-    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
-    from sat_cogvideo.convert.vae import convert_vae_sat_to_diffusers, diffusers_vae_config
-
-    mc = engine.model_config
-    net = mc.network_config.params
-    cfg = diffusers_transformer_config(mc.network_config, sample_size=(int(net.latent_height), int(net.latent_width)))
-    transformer = CogVideoXTransformer3DModel(**cfg).eval()
-    sd = sat_to_diffusers_transformer(engine.state_dict(),
-                                      learned_positional_embeddings=cfg["use_learned_positional_embeddings"])
-    transformer.load_state_dict(sd, strict=True)
-    transformer.norm_out.norm.eps = 1e-6  # SAT's final-norm eps
-    vae = AutoencoderKLCogVideoX(**diffusers_vae_config(mc.first_stage_config, scaling_factor=engine.scale_factor,
-                                                        version=engine.generation)).eval()
-    vae_sd = {k[len("first_stage_model."):]: v for k, v in engine.state_dict().items()
-              if k.startswith("first_stage_model.")}
-    vae.load_state_dict(convert_vae_sat_to_diffusers(vae_sd), strict=True)
-    shift = float(mc.denoiser_config.params.discretization_config.get("params", {}).get("shift_scale", 1.0))
-    scheduler = CogVideoXDPMScheduler(snr_shift_scale=shift, beta_start=0.00085, beta_end=0.012,
-                                      beta_schedule="scaled_linear", prediction_type="v_prediction",
-                                      rescale_betas_zero_snr=True, set_alpha_to_one=True,
-                                      timestep_spacing="trailing", clip_sample=False)
-    emb = engine.conditioner.embedders[0]
-    cls = {"t2v": CogVideoXPipeline, "i2v": CogVideoXImageToVideoPipeline, "v2v": CogVideoXVideoToVideoPipeline}[kind]
-    pipe = cls(tokenizer=emb.tokenizer, text_encoder=emb.transformer, vae=vae, transformer=transformer,
-               scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def report(name, kind, z, latents, video, dvideo):
     print(f"{name} {kind}: latents rel. err {max_rel_err(z, latents):.2e}, "
           f"video max abs err {(video - dvideo).abs().max().item():.2e}")
-
-
-def use_diffusers_schedule(engine, scheduler):
-    """Give our denoiser table and sampling schedule diffusers' ᾱ table (same timesteps 999, 899, …, 99)."""
-    table = scheduler.alphas_cumprod.to(torch.float64).sqrt().to(torch.float32)
-    engine.denoiser.sigmas = table.clone()
-    original = engine.sampler.discretization
-
-    class DiffusersTable:
-        def __call__(self, n, do_append_zero=True, device="cpu", flip=False, return_idx=False):
-            _, ts = original(n, device=device, return_idx=True, do_append_zero=False)
-            idx = torch.as_tensor(np.array(ts, dtype=np.int64))
-            s = table[idx].flip(0).to(device)
-            return (s, ts) if return_idx else s
-
-    engine.sampler.discretization = DiffusersTable()
 
 
 def ours(engine, kind: str, media_path=None, strength=0.8, prompt="a cat"):
@@ -104,24 +55,9 @@ def ours(engine, kind: str, media_path=None, strength=0.8, prompt="a cat"):
 
 
 def run_diffusers(pipe, kind, c, uc, size, image=None, video=None, strength=0.8, dynamic=True):
-    num_frames, H, W = size
-    kwargs = dict(prompt_embeds=c["crossattn"], negative_prompt_embeds=uc["crossattn"], height=H, width=W,
-                  num_inference_steps=STEPS, guidance_scale=6.0, use_dynamic_cfg=dynamic, output_type="latent",
-                  return_dict=False)
-    if kind == "v2v":
-        kwargs.update(video=video, strength=strength)
-    else:
-        kwargs.update(num_frames=num_frames)
-    if kind == "i2v":
-        kwargs.update(image=image)
-    torch.manual_seed(SEED)  # = sample_video.seed_for(SEED, line 0, index 0)
-    latents = pipe(**kwargs)[0]
-    # decode the way the pipelines do for output_type="pt" (1.5: the padding latent frame dropped)
-    t_latent = (num_frames - 1) // 4 + 1
-    extra = latents.shape[1] - t_latent
-    frames = pipe.decode_latents(latents[:, extra:])
-    video_out = pipe.video_processor.postprocess_video(frames, output_type="pt")
-    return latents, video_out[0]
+    # seed = sample_video.seed_for(SEED, line 0, index 0)
+    return helpers.run_diffusers(pipe, kind, c, uc, size, SEED, STEPS, image=image, video=video, strength=strength,
+                                 dynamic=dynamic)
 
 
 @pytest.mark.parametrize("name", ["cogvideox_5b", "cogvideox_2b", "cogvideox1.5_5b"])

@@ -5,8 +5,6 @@ import os
 import subprocess
 import time
 
-from test_engine import demo_paths  # noqa: F401  (fixture)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -8,11 +8,10 @@ import sys
 import pytest
 import torch
 
-from helpers import max_rel_err, randomize_
-from test_transformer import build, diffusers_model, inputs, reset_fixed_tables, run_both
+from helpers import build, diffusers_model, inputs, max_rel_err, randomize_, reset_fixed_tables, run_both
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("cogvideox_2b", "cogvideox_5b")
+FAMILIES = ("cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v")
 
 
 def lora_model(family, seed=0, lora_alpha=None):

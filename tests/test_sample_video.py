@@ -8,25 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from test_engine import demo_paths  # noqa: F401  (fixture)
+from helpers import model_config, read_frames, sample_argv
 
 
 def base_argv(paths, name="cogvideox_5b", steps=2):
-    from sat_cogvideo.demo import demo_argv
-
-    argv = demo_argv(paths, name, "unused.mp4", steps=steps)
-    # drop --prompt/--output-path: each test adds its own
-    out = []
-    skip = 0
-    for a in argv:
-        if skip:
-            skip -= 1
-            continue
-        if a in ("--prompt", "--output-path"):
-            skip = 1
-            continue
-        out.append(a)
-    return out
+    return sample_argv(paths, name, steps)
 
 
 @pytest.fixture
@@ -117,7 +103,6 @@ def test_frames_conversion_and_allowed_lists(demo_paths):
     from sat_cogvideo.families import detect_from_model_config
     from sat_cogvideo.sample_video import (allowed_video_frames, check_num_frames, latent_to_video_frames,
                                            video_to_latent_frames)
-    from test_engine import model_config
 
     assert video_to_latent_frames(49, "1.0") == 13 and latent_to_video_frames(13, "1.0") == 49
     assert video_to_latent_frames(81, "1.5") == 22 and latent_to_video_frames(42, "1.5") == 161
@@ -138,7 +123,6 @@ def test_i2v_resize_rules():
 
     from sat_cogvideo import media
     from sat_cogvideo.sample_video import i2v15_pixel_size
-    from test_engine import model_config
 
     assert media.i2v_15_latent_size(1920, 1080) == (96, 170)
     assert media.i2v_15_latent_size(1080, 1920) == (170, 96)
@@ -186,9 +170,9 @@ def test_output_layout_interrupt_and_skip_existing(demo_paths, tmp_path, monkeyp
     with pytest.raises(SystemExit) as exc:
         sample_video.main(argv)
     assert exc.value.code == 130
-    expected = [out_dir / "0_a_red_fox__in_snow" / "0" / "000000.mp4", out_dir / "1_" / "0" / "000000.mp4",
-                out_dir / "2_a_blue_bird" / "0" / "000000.mp4"]
-    assert expected[0].exists() and not expected[1].exists() and not expected[2].exists()
+    # the blank line 2 is skipped; "a blue bird" keeps its line counter 2
+    expected = [out_dir / "0_a_red_fox__in_snow" / "0" / "000000.mp4", out_dir / "2_a_blue_bird" / "0" / "000000.mp4"]
+    assert expected[0].exists() and not expected[1].exists()
     leftovers = [p for p in out_dir.rglob("*") if ".partial" in p.name]
     assert not leftovers
     # without --skip-existing the existing output is not overwritten
@@ -198,7 +182,7 @@ def test_output_layout_interrupt_and_skip_existing(demo_paths, tmp_path, monkeyp
     assert exc.value.code == 2
     result = sample_video.main(argv + ["--skip-existing"])
     assert sorted(map(str, result)) == sorted(map(str, expected))
-    assert sorted(writes) == sorted(map(str, expected)) and len(writes) == len(set(writes)) == 3
+    assert sorted(writes) == sorted(map(str, expected)) and len(writes) == len(set(writes)) == 2
     for p in expected:
         reader = imageio.get_reader(str(p))
         frames = [f for f in reader]
@@ -206,7 +190,7 @@ def test_output_layout_interrupt_and_skip_existing(demo_paths, tmp_path, monkeyp
         assert reader.get_meta_data()["fps"] == 8
     # nothing left to do: a third run writes nothing
     assert sorted(map(str, sample_video.main(argv + ["--skip-existing"]))) == sorted(map(str, expected))
-    assert len(writes) == 3
+    assert len(writes) == 2
 
 
 def test_seed_decides_noise_and_latents_only(demo_paths, tmp_path):
@@ -239,31 +223,101 @@ def test_prompt_sharding_over_data_parallel_ranks(tmp_path, monkeypatch):
     for rank in (0, 1):
         monkeypatch.setattr(dist_mod, "data_parallel_rank_and_size", lambda r=rank: (r, 2))
         got[rank] = list(read_prompt_lines(args))
-    assert got[0] == [("p0", 0), ("", 2), ("p4", 4)]
+    assert got[0] == [("p0", 0), ("p4", 4)]  # the blank line 2 is skipped, the others keep their numbers
     assert got[1] == [("p1", 1), ("p3", 3)]
 
 
-def test_offload_same_video_and_parts_back_on_cpu(demo_paths, tmp_path, monkeypatch):
-    """--offload moves each part to the device only while it works (on this CPU machine the device is the CPU,
-    so the check is that every part is moved there and back, and the video is unchanged)."""
+PARTS = ("conditioner", "model", "first_stage_model")  # T5, DiT (in its wrapper), VAE
+
+
+class WhereSpy:
+    """Where every parameter of the engine was last sent (``Module.to/cpu/cuda``), by part, and snapshots of that
+    taken when T5, the DiT and the VAE decoder start a forward.
+
+    On a CPU-only machine the compute device and the offload device are both the CPU, so the test runs with
+    ``--device cpu:0``: the same memory, but a device that ``.to()`` records as ``cpu:0`` while offloading records
+    ``cpu``."""
+
+    def __init__(self, monkeypatch, sample_video):
+        self.where = {}      # id(param) -> device string it was last moved to
+        self.names = {}      # part -> [id(param)]
+        self.seen = []       # (stage, {part: set of devices})
+        real_to, real_cpu, real_cuda = torch.nn.Module.to, torch.nn.Module.cpu, torch.nn.Module.cuda
+        spy = self
+
+        def record(module, device):
+            if device is not None:
+                for p in module.parameters():
+                    spy.where[id(p)] = str(torch.device(device))
+
+        def to(module, *args, **kwargs):
+            record(module, torch._C._nn._parse_to(*args, **kwargs)[0])
+            return real_to(module, *args, **kwargs)
+
+        def cpu(module):
+            record(module, "cpu")
+            return real_cpu(module)
+
+        def cuda(module, device=None):
+            record(module, "cuda" if device is None else torch.device("cuda", device) if isinstance(device, int)
+                   else device)
+            return real_cuda(module, device)
+
+        monkeypatch.setattr(torch.nn.Module, "to", to)
+        monkeypatch.setattr(torch.nn.Module, "cpu", cpu)
+        monkeypatch.setattr(torch.nn.Module, "cuda", cuda)
+        real_build = sample_video.build_engine
+
+        def build_engine(args):
+            model = real_build(args)
+            for part in PARTS:
+                params = list(getattr(model, part).parameters())
+                assert params, part
+                spy.names[part] = [id(p) for p in params]
+                for p in params:
+                    spy.where.setdefault(id(p), "cpu")  # built on the CPU
+            stages = [("T5", e) for e in model.conditioner.embedders] + [
+                ("DiT", model.model.diffusion_model), ("VAE decoder", model.first_stage_model.decoder)]
+            for stage, module in stages:
+                module.register_forward_pre_hook(lambda m, a, stage=stage: spy.snapshot(stage))
+            return model
+
+        monkeypatch.setattr(sample_video, "build_engine", build_engine)
+
+    def locations(self):
+        return {part: {self.where[i] for i in ids} for part, ids in self.names.items()}
+
+    def snapshot(self, stage):
+        self.seen.append((stage, self.locations()))
+
+
+def test_offload_parts_live_on_the_device_only_while_they_work(demo_paths, tmp_path, monkeypatch):
+    """--offload: while T5 runs, the DiT and the VAE are on the CPU; while the DiT runs, T5 and the VAE are; while
+    the VAE decodes, T5 and the DiT are; afterwards everything is back on the CPU.  Without --offload every part
+    stays on the device.  The video is the same either way."""
     from sat_cogvideo import sample_video
 
-    moves = []
-    real_use = sample_video.Placement.use
-
-    def spy(self, part):
-        moves.append(part)
-        return real_use(self, part)
-
-    monkeypatch.setattr(sample_video.Placement, "use", spy)
-    outs = []
-    for extra in ([], ["--offload"]):
-        out = tmp_path / f"v{len(outs)}.pt"
-        sample_video.main(base_argv(demo_paths) + ["--prompt", "a cat", "--output-path", str(out).replace(".pt", ".mp4"),
-                                                    "--only-save-latents", "true"] + extra)
-        outs.append(torch.load(out))
-    assert torch.equal(outs[0], outs[1])
-    assert {"conditioner", "model"} <= set(moves)
+    argv = base_argv(demo_paths) + ["--prompt", "a cat", "--device", "cpu:0"]
+    on = {"T5": "conditioner", "DiT": "model", "VAE decoder": "first_stage_model"}
+    videos = {}
+    for offload in (False, True):
+        spy = WhereSpy(monkeypatch, sample_video)
+        out = tmp_path / f"offload{int(offload)}.mp4"
+        sample_video.main(argv + ["--output-path", str(out)] + (["--offload"] if offload else []))
+        videos[offload] = read_frames(out)
+        stages = [stage for stage, _ in spy.seen]
+        assert stages[0] == "T5" and "DiT" in stages and stages[-1] == "VAE decoder", stages
+        for stage, where in spy.seen:
+            for part, devices in where.items():
+                if not offload:
+                    expect = {"cpu:0"}
+                else:
+                    expect = {"cpu:0"} if part == on[stage] else {"cpu"}
+                assert devices == expect, (offload, stage, part, devices)
+        final = spy.locations()
+        assert final == {p: ({"cpu"} if offload else {"cpu:0"}) for p in PARTS}, final
+        monkeypatch.undo()
+    np.testing.assert_array_equal(videos[False], videos[True])
 
 
 def test_cli_options_edit_the_model_config(demo_paths):

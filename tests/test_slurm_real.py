@@ -3,7 +3,9 @@ slurmctld -D, slurmd -D, no cgroups), with the tiny demo model on CPU.
 
 Skipped when SLURM is not installed (``bash scripts/slurm_local.sh install`` installs Debian's packages) or when
 not root; with ``SAT_COGVIDEO_REQUIRE_SLURM=1`` (set by CI after installing) a missing SLURM fails instead.
-The daemons started here are stopped at the end (by PID).
+The daemons started here are stopped at the end (by PID).  Test runs that start the cluster take turns
+(helpers.slurm_cluster_lock: they would share the machine's one munge daemon); every wait is a few minutes at most,
+and the jobs carry a SLURM time limit, so a hang fails in minutes.
 """
 from __future__ import annotations
 
@@ -15,12 +17,17 @@ import time
 import numpy as np
 import pytest
 
-from test_slurm_scripts import INFER, ROOT, SUBMIT, clean_env, read_frames, tiny  # noqa: F401  (fixture)
+from helpers import (ROOT, SLURM_JOB_TIMEOUT, SLURM_STATE_TIMEOUT, clean_env, read_frames,
+                     slurm_cluster_lock)
+
+INFER = os.path.join(ROOT, "scripts", "slurm_inference.sh")
+SUBMIT = os.path.join(ROOT, "scripts", "submit_prompts.sh")
 
 LOCAL = os.path.join(ROOT, "scripts", "slurm_local.sh")
 NEEDED = ("sbatch", "squeue", "srun", "scontrol", "slurmctld", "slurmd", "munged")
 # the #SBATCH defaults ask for a GPU partition, 8 CPUs and 64G: overridden on the command line for this node
-SMALL = ["--partition=debug", "--gres=none", "--mem=1000M", "--cpus-per-task=1"]
+# and a time limit (minutes): SLURM ends a hung job
+SMALL = ["--partition=debug", "--gres=none", "--mem=1000M", "--cpus-per-task=1", "--time=5"]
 CPU = "DEVICE=cpu,DTYPE=float32,NUM_STEPS=1"
 
 
@@ -30,37 +37,41 @@ def _missing():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = _missing()
-    if missing:
-        reason = (f"SLURM is not installed ({', '.join(missing)} missing): run 'bash scripts/slurm_local.sh install' "
-                  f"as root (Debian slurmctld slurmd slurm-client munge)")
-        if os.environ.get("SAT_COGVIDEO_REQUIRE_SLURM") == "1":
-            pytest.fail(reason + "; SAT_COGVIDEO_REQUIRE_SLURM=1 says CI installed it")
-        pytest.skip(reason)
-    if os.geteuid() != 0:
-        if os.environ.get("SAT_COGVIDEO_REQUIRE_SLURM") == "1":
-            pytest.fail("the local SLURM cluster needs root (its daemons run as root)")
-        pytest.skip("the local SLURM cluster needs root (its daemons run as root)")
-    r = subprocess.run(["bash", LOCAL, "up"], capture_output=True, text=True, timeout=120, env=clean_env())
-    assert r.returncode == 0, f"the local SLURM cluster did not start:\n{r.stderr[-3000:]}"
-    folder = r.stdout.strip().splitlines()[-1]
-    work = tmp_path_factory.mktemp("slurm-work")
-    (work / "logs").mkdir()
-    try:
-        yield {"conf": os.path.join(folder, "slurm.conf"), "work": work}
-    finally:
-        subprocess.run(["bash", LOCAL, "down", folder], capture_output=True, timeout=120)
+    # first take turns with other test runs (before anything else, so that holding the lock is observable even
+    # where SLURM is missing: test_slurm_scripts.py::test_real_slurm_tests_take_turns)
+    lock_wait = float(os.environ.get("SAT_COGVIDEO_SLURM_LOCK_WAIT", "600"))
+    with slurm_cluster_lock(timeout=lock_wait):
+        missing = _missing()
+        if missing:
+            reason = (f"SLURM is not installed ({', '.join(missing)} missing): run 'bash scripts/slurm_local.sh "
+                      f"install' as root (Debian slurmctld slurmd slurm-client munge)")
+            if os.environ.get("SAT_COGVIDEO_REQUIRE_SLURM") == "1":
+                pytest.fail(reason + "; SAT_COGVIDEO_REQUIRE_SLURM=1 says CI installed it")
+            pytest.skip(reason)
+        if os.geteuid() != 0:
+            if os.environ.get("SAT_COGVIDEO_REQUIRE_SLURM") == "1":
+                pytest.fail("the local SLURM cluster needs root (its daemons run as root)")
+            pytest.skip("the local SLURM cluster needs root (its daemons run as root)")
+        r = subprocess.run(["bash", LOCAL, "up"], capture_output=True, text=True, timeout=120, env=clean_env())
+        assert r.returncode == 0, f"the local SLURM cluster did not start:\n{r.stderr[-3000:]}"
+        folder = r.stdout.strip().splitlines()[-1]
+        work = tmp_path_factory.mktemp("slurm-work")
+        (work / "logs").mkdir()
+        try:
+            yield {"conf": os.path.join(folder, "slurm.conf"), "work": work}
+        finally:
+            subprocess.run(["bash", LOCAL, "down", folder], capture_output=True, timeout=120)
 
 
 def submit(cluster, *args, script_args=()):
     """``sbatch --wait`` of slurm_inference.sh; returns the completed process and the job id."""
     cmd = ["sbatch", "--parsable", "--wait", *SMALL, *args, INFER, *script_args]
     r = subprocess.run(cmd, cwd=str(cluster["work"]), env=clean_env(SLURM_CONF=cluster["conf"]),
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=SLURM_JOB_TIMEOUT)
     return r, r.stdout.strip().split(";")[0]
 
 
-def job_state(cluster, job: str, timeout: float = 600) -> str:
+def job_state(cluster, job: str, timeout: float = SLURM_STATE_TIMEOUT) -> str:
     """Wait until every element of ``job`` is in a terminal state; return the states."""
     env = clean_env(SLURM_CONF=cluster["conf"])
     deadline = time.time() + timeout
@@ -77,7 +88,8 @@ def log(cluster, name):
     return (cluster["work"] / "logs" / name).read_text()
 
 
-def test_sbatch_inference_job(cluster, tiny):
+def test_sbatch_inference_job(cluster, tiny_sat_folder):
+    tiny = tiny_sat_folder
     r, job = submit(cluster, f"--export=ALL,{CPU}", script_args=("A red fox in the snow", tiny))
     assert r.returncode == 0, log(cluster, f"inference-{job}.err")[-3000:]
     assert job_state(cluster, job) == "COMPLETED"
@@ -100,7 +112,8 @@ def test_sbatch_inference_job(cluster, tiny):
     assert (cluster["work"] / "outputs" / f"inference_{job}.mp4").stat().st_mtime_ns == mtime
 
 
-def test_sbatch_error_is_one_line_in_err(cluster, tiny):
+def test_sbatch_error_is_one_line_in_err(cluster, tiny_sat_folder):
+    tiny = tiny_sat_folder
     r, job = submit(cluster, f"--export=ALL,{CPU},GENERATE_TYPE=i2v", script_args=("A red fox", tiny))
     assert r.returncode == 2
     err = log(cluster, f"inference-{job}.err").strip().splitlines()
@@ -109,7 +122,8 @@ def test_sbatch_error_is_one_line_in_err(cluster, tiny):
     assert not (cluster["work"] / "outputs" / f"inference_{job}.mp4").exists()
 
 
-def test_two_task_job_then_array_resubmission(cluster, tiny):
+def test_two_task_job_then_array_resubmission(cluster, tiny_sat_folder):
+    tiny = tiny_sat_folder
     work = cluster["work"]
     (work / "prompts.txt").write_text("a red fox\na blue bird\na green frog\n")
     names = ["0_a_red_fox", "1_a_blue_bird", "2_a_green_frog"]
@@ -146,16 +160,17 @@ def test_finetune_srun_then_requeued_torchrun(cluster):
     prep = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python") if os.path.exists(
         os.path.join(ROOT, ".venv", "bin", "python")) else "python3", "-m", "sat_cogvideo.train_video",
         "--prepare-demo", demo], cwd=ROOT, env=clean_env(SAT_COGVIDEO_DEMO=demo, PYTHONPATH=ROOT),
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=SLURM_JOB_TIMEOUT)
     assert prep.returncode == 0, prep.stderr[-2000:]
     work = cluster["work"]
     configs = f"{ROOT}/configs/tiny/cogvideox_2b_lora.yaml {ROOT}/configs/tiny/sft.yaml"
     env = clean_env(SLURM_CONF=cluster["conf"], SAT_COGVIDEO_DEMO=demo, CONFIGS=configs)
     script = os.path.join(ROOT, "scripts", "slurm_finetune.sh")
-    base = ["sbatch", "--parsable", "--wait", "--nodes=1", "--partition=debug", "--gres=none", "--mem=3000M"]
+    base = ["sbatch", "--parsable", "--wait", "--nodes=1", "--partition=debug", "--gres=none", "--mem=3000M",
+            "--time=8"]
     r = subprocess.run(base + ["--ntasks-per-node=2", "--cpus-per-task=1", "--export=ALL,EXTRA_ARGS=--device cpu "
                                f"--save {work}/ckpts --train-iters 2 --save-interval 2", script],
-                       cwd=str(work), env=env, capture_output=True, text=True, timeout=900)
+                       cwd=str(work), env=env, capture_output=True, text=True, timeout=2 * SLURM_JOB_TIMEOUT)
     job = r.stdout.strip().split(";")[0]
     assert r.returncode == 0, (work / "logs" / f"finetune-{job}.err").read_text()[-3000:]
     runs = os.listdir(work / "ckpts")
@@ -163,7 +178,7 @@ def test_finetune_srun_then_requeued_torchrun(cluster):
     r = subprocess.run(base + ["--ntasks-per-node=1", "--cpus-per-task=2", "--export=ALL,LAUNCHER=torchrun,"
                                "GPUS_PER_NODE=2,RESUME=auto,EXTRA_ARGS=--device cpu "
                                f"--save {work}/ckpts --train-iters 4 --save-interval 2", script],
-                       cwd=str(work), env=env, capture_output=True, text=True, timeout=900)
+                       cwd=str(work), env=env, capture_output=True, text=True, timeout=2 * SLURM_JOB_TIMEOUT)
     job = r.stdout.strip().split(";")[0]
     assert r.returncode == 0, (work / "logs" / f"finetune-{job}.err").read_text()[-3000:]
     out = (work / "logs" / f"finetune-{job}.out").read_text()

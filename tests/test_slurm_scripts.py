@@ -10,46 +10,24 @@ import subprocess
 import numpy as np
 import pytest
 
+from helpers import clean_env, read_frames  # noqa: F401  (also imported from here by older modules)
 from test_launch import make_image, make_sat_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "scripts", "slurm_inference.sh")
 SUBMIT = os.path.join(ROOT, "scripts", "submit_prompts.sh")
 FINETUNE = os.path.join(ROOT, "scripts", "slurm_finetune.sh")
-# launcher / SLURM / torch.distributed variables of the test process must not leak into the scripts
-LEAK = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_", "PROMPT", "MODEL_PATH",
-        "OUTPUT_", "NUM_", "DTYPE", "FPS", "FAMILY", "GENERATE_TYPE", "IMAGE_OR_VIDEO_PATH", "LAUNCHER", "NPROC")
 
 
-def clean_env(**kw):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LEAK)}
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
-
-
-def run(script, *args, cwd, timeout=600, **kw):
+def run(script, *args, cwd, timeout=300, **kw):
     return subprocess.run(["bash", script, *args], cwd=str(cwd), env=clean_env(**kw), capture_output=True,
                           text=True, timeout=timeout)
 
 
-def read_frames(path):
-    import imageio.v3 as iio
-
-    return np.stack(list(iio.imiter(str(path), plugin="FFMPEG")))
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_sat_folder):
     """A SAT model folder (transformer/, vae/3d-vae.pt, t5/) holding the tiny random-weight demo model."""
-    from sat_cogvideo.demo import build_demo, demo_dir
-
-    paths = build_demo(demo_dir(), models=("cogvideox_5b",))
-    folder = tmp_path_factory.mktemp("tiny") / "CogVideoX-tiny-SAT"
-    folder.mkdir()
-    os.symlink(paths["cogvideox_5b"], folder / "transformer")
-    os.symlink(os.path.dirname(paths["vae"]), folder / "vae")
-    os.symlink(paths["t5"], folder / "t5")
-    return str(folder)
+    return tiny_sat_folder
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +88,8 @@ def test_i2v_model_forces_i2v_through_the_script(tmp_path, fakes):
     ("cogvideox-5b-i2v", {}, "error: i2v needs an image: set IMAGE_OR_VIDEO_PATH to a .jpg/.png file"),
     ("cogvideox-5b-i2v", {"IMAGE_OR_VIDEO_PATH": "/nonexistent/cat.jpg"},
      "error: IMAGE_OR_VIDEO_PATH '/nonexistent/cat.jpg' does not exist: give an absolute path the compute node"),
-    ("cogvideox-5b-i2v", {"GENERATE_TYPE": "v2v"}, "error: v2v needs a text-to-video model"),
+    ("cogvideox-5b-i2v", {"GENERATE_TYPE": "v2v"},
+     "error: cogvideox-5b-i2v is an image-to-video model and cannot do v2v"),
     ("cogvideox-2b", {"GENERATE_TYPE": "i2v"}, "error: i2v needs an I2V model but MODEL_PATH holds cogvideox-2b"),
     ("cogvideox-2b", {"GENERATE_TYPE": "v2v"}, "error: v2v needs an input video"),
     ("cogvideox1.5-5b", {"NUM_FRAMES": 49}, "error: NUM_FRAMES=49 is not allowed for cogvideox1.5-5b: use 161 or 81"),
@@ -123,6 +102,51 @@ def test_errors_are_one_line_before_anything_runs(tmp_path, fakes, model, kw, me
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), r.stderr
     assert "+ " not in r.stdout and not os.listdir(tmp_path / "outputs")   # nothing was launched
+
+
+def test_script_variables_reach_the_job(tmp_path, fakes):
+    """OVERWRITE, T5_PATH, VAE_PATH, LOG_DIR, MODEL_CONFIG and EXTRA_ARGS (dry runs: the command and the job YAML)."""
+    from omegaconf import OmegaConf
+
+    model = fakes["cogvideox-2b"]
+    # a transformer folder alone; T5 and VAE elsewhere
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    os.symlink(os.path.join(model, "transformer"), alone / "transformer")
+    t5, vae = os.path.join(model, "t5-v1_1-xxl"), os.path.join(model, "vae", "3d-vae.pt")
+    r = run(INFER, "a cat", str(alone), cwd=tmp_path, SLURM_JOB_ID=601, DRY_RUN=1)
+    assert r.returncode == 2 and "VAE weights" in r.stderr and "set VAE_PATH" in r.stderr
+    r = run(INFER, "a cat", str(alone), cwd=tmp_path, SLURM_JOB_ID=601, DRY_RUN=1, VAE_PATH=vae)
+    assert r.returncode == 2 and "no T5 folder" in r.stderr and "T5_PATH" in r.stderr
+    r = run(INFER, "a cat", str(alone), cwd=tmp_path, SLURM_JOB_ID=601, DRY_RUN=1, VAE_PATH=vae, T5_PATH=t5,
+            LOG_DIR="joblogs", OVERWRITE=1, EXTRA_ARGS="--offload --vae-tiling")
+    assert r.returncode == 0, r.stderr
+    cmd = command_line(r.stdout)
+    assert "--base joblogs/inference-601.yaml" in cmd and (tmp_path / "joblogs" / "inference-601.yaml").is_file()
+    assert not (tmp_path / "logs" / "inference-601.yaml").exists()
+    assert "--overwrite" in cmd.split() and "--skip-existing" not in cmd.split()
+    assert cmd.endswith(" --offload --vae-tiling")
+    job = OmegaConf.load(tmp_path / "joblogs" / "inference-601.yaml")
+    assert job.model.first_stage_config.params.ckpt_path == vae
+    assert job.model.conditioner_config.params.emb_models[0].params.model_dir == t5
+    assert job.args.load == os.path.join(model, "transformer") or job.args.load == str(alone / "transformer")
+    # defaults: outputs are kept (a requeued job resumes), logs/ holds the YAML, nothing extra
+    r = run(INFER, "a cat", model, cwd=tmp_path, SLURM_JOB_ID=602, DRY_RUN=1)
+    cmd = command_line(r.stdout)
+    assert "--skip-existing" in cmd.split() and "--overwrite" not in cmd.split() and "--offload" not in cmd
+    assert "--base logs/inference-602.yaml" in cmd
+    # MODEL_CONFIG: the model YAML of the job (here the 2B config with another VAE scale factor)
+    custom = tmp_path / "my_2b.yaml"
+    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "cogvideox_2b.yaml"))
+    cfg.model.scale_factor = 0.123
+    OmegaConf.save(cfg, custom)
+    r = run(INFER, "a cat", model, cwd=tmp_path, SLURM_JOB_ID=603, DRY_RUN=1, MODEL_CONFIG=custom)
+    assert r.returncode == 0, r.stderr
+    assert OmegaConf.load(tmp_path / "logs" / "inference-603.yaml").model.scale_factor == pytest.approx(0.123)
+    assert OmegaConf.load(tmp_path / "logs" / "inference-602.yaml").model.scale_factor == pytest.approx(1.15258426)
+    r = run(INFER, "a cat", model, cwd=tmp_path, SLURM_JOB_ID=604, DRY_RUN=1,
+            MODEL_CONFIG=os.path.join(ROOT, "configs", "cogvideox_5b.yaml"))
+    assert r.returncode == 2 and "does not fit" in r.stderr and "fix MODEL_CONFIG" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +282,25 @@ def test_finetune_launch_commands(tmp_path, fake_sbatch):
     assert r.returncode == 2 and "error: config file configs/nope.yaml does not exist" in r.stderr
 
 
+def test_finetune_resume_variable(tmp_path, fake_sbatch):
+    """RESUME: unset -> a new run (or --resume when SLURM requeued the job); auto -> --resume (newest run);
+    a folder -> --resume FOLDER."""
+    bin_dir, _ = fake_sbatch
+    path = f"{bin_dir}:{os.environ['PATH']}"
+
+    def tail(**kw):
+        r = run(FINETUNE, cwd=tmp_path, PATH=path, DRY_RUN=1, SLURM_JOB_ID=9, **kw)
+        assert r.returncode == 0, r.stderr
+        return command_line(r.stdout).split("--seed 42", 1)[1].strip()
+
+    assert tail() == ""
+    assert tail(SLURM_RESTART_COUNT=0) == ""
+    assert tail(RESUME="auto") == "--resume"
+    assert tail(RESUME="ckpts/lora-07-01-12-00") == "--resume ckpts/lora-07-01-12-00"
+    assert tail(RESUME="ckpts/lora-07-01-12-00", SLURM_RESTART_COUNT=2) == "--resume ckpts/lora-07-01-12-00"
+    assert tail(SLURM_RESTART_COUNT=1, EXTRA_ARGS="--train-iters 9") == "--resume --train-iters 9"
+
+
 def test_several_tasks_use_srun(tmp_path, fakes, fake_sbatch):
     bin_dir, _ = fake_sbatch
     fake_bin(bin_dir, "srun", "exit 0\n")
@@ -271,3 +314,46 @@ def test_several_tasks_use_srun(tmp_path, fakes, fake_sbatch):
     assert cmd.startswith("+ srun --kill-on-bad-exit=1 ") and "-m sat_cogvideo.sample_video" in cmd
     assert f"--input-type txt --input-file {prompts} --output-dir outputs/inference_55 --seed 42" in cmd
     assert "tasks 4" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the real-SLURM tests: concurrent test runs take turns; waits are minutes
+
+
+def test_real_slurm_tests_take_turns(tmp_path):
+    """While one test run holds the local-SLURM lock, another run's cluster fixture (test_slurm_real.py) waits for
+    it (here 1 s) and then stops with a message instead of starting a second cluster on the same munge daemon;
+    once the lock is free, it is taken."""
+    import sys
+
+    from helpers import slurm_cluster_lock
+
+    lock = str(tmp_path / "slurm.lock")
+    env = clean_env(SAT_COGVIDEO_SLURM_LOCK=lock, SAT_COGVIDEO_SLURM_LOCK_WAIT=1)
+    env.pop("SAT_COGVIDEO_REQUIRE_SLURM", None)
+    with slurm_cluster_lock(timeout=5, path=lock):
+        r = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_slurm_real.py"), "-q",
+                            "-k", "sbatch_error", "--basetemp", str(tmp_path / "bt"), "-p", "no:cacheprovider"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and "another test run holds" in r.stdout, r.stdout[-3000:]
+    probe = ("import sys; sys.path.insert(0, %r); from helpers import slurm_cluster_lock\n"
+             "with slurm_cluster_lock(timeout=1, path=%r): print('taken')") % (os.path.join(ROOT, "tests"), lock)
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "taken", r.stderr[-2000:]
+
+
+def test_waits_of_process_tests_are_minutes():
+    """A hang of a training, an sbatch job or the local cluster fails the test within minutes: no wait in the
+    process-starting tests exceeds 5 minutes, and the SLURM jobs carry a time limit."""
+    import re
+
+    import helpers
+
+    assert max(helpers.TRAIN_TIMEOUT, helpers.SLURM_JOB_TIMEOUT, helpers.SLURM_STATE_TIMEOUT) <= 300
+    for name in ("test_slurm_real.py", "test_train.py", "test_finetune_sh.py", "test_slurm_scripts.py",
+                 "test_finetune_variants.py", "helpers.py"):
+        source = open(os.path.join(ROOT, "tests", name), encoding="utf-8").read()
+        literal = [int(t) for t in re.findall(r"timeout(?:_s)?\s*=\s*(\d+)", source)]
+        assert all(t <= 300 for t in literal), (name, literal)
+    real = open(os.path.join(ROOT, "tests", "test_slurm_real.py"), encoding="utf-8").read()
+    assert '"--time=5"' in real and '"--time=8"' in real

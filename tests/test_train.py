@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_folder, run_train, train_env
+from sat_cogvideo.checkpoint import load_torch_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 LORA = os.path.join(ROOT, "configs", "tiny", "cogvideox_2b_lora.yaml")
@@ -31,7 +34,7 @@ PREFIX = "model.diffusion_model."
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The tiny demo model (cached across runs when SAT_COGVIDEO_DEMO is set) and a generated 2-video dataset."""
-    from sat_cogvideo.train_video import prepare_demo
+    from sat_cogvideo.demo import prepare_demo
 
     before = os.environ.get("SAT_COGVIDEO_DEMO")
     folder = before or str(tmp_path_factory.mktemp("demo"))
@@ -51,33 +54,8 @@ def demo_env(demo, monkeypatch):
     monkeypatch.setenv("SAT_COGVIDEO_DEMO", demo)
 
 
-def env_for(demo, threads=1, **extra):
-    env = dict(os.environ, SAT_COGVIDEO_DEMO=demo, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def train(demo, argv, nproc=1, **env):
-    """Run the finetune CLI in the folder above ``--save`` (SAT writes TensorBoard logs to ./runs); returns the
-    completed process (asserts success)."""
-    cwd = os.path.dirname(os.path.abspath(argv[argv.index("--save") + 1]))
-    if nproc > 1:
-        cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "sat_cogvideo.train_video"]
-    else:
-        cmd = [PY, "-m", "sat_cogvideo.train_video"]
-    out = subprocess.run(cmd + list(argv), env=env_for(demo, threads=1 if nproc > 1 else 2, **env), cwd=cwd,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
-
-
-def run_folder(save):
-    runs = [d for d in glob.glob(os.path.join(save, "*")) if os.path.isdir(d)]
-    assert len(runs) == 1, runs
-    return runs[0]
+env_for = train_env
+train = run_train  # asserts success; runs in the folder above --save (SAT writes TensorBoard logs to ./runs)
 
 
 def engine_args(demo, base, extra=()):
@@ -213,7 +191,7 @@ def test_checkpoint_layout_and_contents(lora_run):
     assert files == ["mp_rank_00_model_states.pt", "rng_state_rank00.pt", "rng_state_rank01.pt",
                      "sat_cogvideo_resume.json", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    sd = torch.load(os.path.join(run, "8", "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    sd = load_torch_file(os.path.join(run, "8", "mp_rank_00_model_states.pt"))  # weights-only: no flag needed
     module = sd["module"]
     assert module and all(k.startswith(PREFIX) for k in module)  # no VAE, no T5
     assert any(".matrix_B." in k for k in module) and any(".original.weight" in k for k in module)
@@ -230,8 +208,8 @@ def test_lora_checkpoint_for_inference_and_export(lora_run, demo, dist_cpu, tmp_
 
     args = engine_args(demo, LORA)
     dit = instantiate_from_config(args.model_config.network_config)
-    sd = read_state_dict(torch.load(os.path.join(lora_run["run"], "8", "mp_rank_00_model_states.pt"),
-                                    map_location="cpu", weights_only=False), prefix=PREFIX)
+    sd = read_state_dict(load_torch_file(os.path.join(lora_run["run"], "8", "mp_rank_00_model_states.pt")),
+                         prefix=PREFIX)
     load_state_dict_strict(dit, sd, known_unused=dit.known_unused_keys())
     # the inference CLI's loader takes the run folder with the *_lora.yaml config, and refuses it without
     # lora_config (the original, with force_inference, would load it partially and sample garbage)
@@ -263,8 +241,7 @@ def test_full_sft_two_processes_trains_transformer_only(demo, dist_cpu, tmp_path
     trained = [n for n, p in fresh_engine(demo, FULL).named_parameters() if n.startswith(PREFIX) and p.requires_grad]
     changed = [k for k in trained if not torch.equal(final[k], base[k])]
     assert len(changed) >= 0.9 * len(trained), (len(changed), len(trained))
-    module = torch.load(os.path.join(run_folder(save), "1", "mp_rank_00_model_states.pt"), map_location="cpu",
-                        weights_only=False)["module"]
+    module = load_torch_file(os.path.join(run_folder(save), "1", "mp_rank_00_model_states.pt"))["module"]
     assert set(module) == {k for k in base if k.startswith(PREFIX)}  # the whole DiT, no VAE or T5
 
 
@@ -287,17 +264,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(demo, tmp_path, dist_cp
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    oa = torch.load(os.path.join(run_folder(a_save), "3", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                    weights_only=False)["optimizer_state_dict"]
-    ob = torch.load(os.path.join(b_run, "3", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                    weights_only=False)["optimizer_state_dict"]
-    for x, y in zip(oa["single_partition_of_fp32_groups"], ob["single_partition_of_fp32_groups"]):
-        assert torch.equal(x, y)
-    sa, sb = oa["base_optimizer_state"], ob["base_optimizer_state"]
-    assert sa["num_updates"] == sb["num_updates"] == 3
-    for i in sa["state"]:
-        for key in ("exp_avg", "exp_avg_sq", "shadow"):
-            assert torch.equal(sa["state"][i][key], sb["state"][i][key])
+    assert_same_optimizer_state(optimizer_shards(run_folder(a_save), 3), optimizer_shards(b_run, 3), updates=3)
     # resuming the finished run does nothing
     from sat_cogvideo.train_video import run
 
@@ -393,11 +360,102 @@ def test_checkpoint_activations_gives_the_same_gradients(dist_cpu, lora):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
 
 
+def optimizer_shards(run, tag):
+    """The DeepSpeed optimizer state of every rank of a run at iteration ``tag``."""
+    files = sorted(glob.glob(os.path.join(run, str(tag), "zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    assert files
+    return [load_torch_file(f)["optimizer_state_dict"] for f in files]
+
+
+def assert_same_optimizer_state(a, b, updates):
+    assert len(a) == len(b)
+    for oa, ob in zip(a, b):
+        for x, y in zip(oa["single_partition_of_fp32_groups"], ob["single_partition_of_fp32_groups"]):
+            assert torch.equal(x, y)
+        sa, sb = oa["base_optimizer_state"], ob["base_optimizer_state"]
+        assert sa["num_updates"] == sb["num_updates"] == updates
+        assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+        for i in sa["state"]:
+            for key in ("exp_avg", "exp_avg_sq", "shadow"):
+                assert torch.equal(sa["state"][i][key], sb["state"][i][key])
+
+
 def test_killed_and_resumed_two_process_run_equals_uninterrupted_run(demo, tmp_path):
+    """2 processes, ZeRO-2: killed after the save at iteration 2 and resumed, the run ends with the weights and
+    every rank's optimizer state of the uninterrupted run (a resume that silently retrained from scratch would not
+    say "resuming", and would end at a different optimizer step count)."""
     common = ["--base", LORA, SFT, "--train-iters", "3", "--save-interval", "2", "--seed", "9", "--lr", "2.0"]
     a_save, b_save = str(tmp_path / "a"), str(tmp_path / "b")
     train(demo, common + ["--save", a_save], nproc=2, SAT_COGVIDEO_FINAL_STATE=tmp_path / "a.pt")
     train(demo, common + ["--save", b_save, "--exit-interval", "3"], nproc=2)
-    train(demo, common + ["--save", b_save, "--resume"], nproc=2, SAT_COGVIDEO_FINAL_STATE=tmp_path / "b.pt")
+    b_run = run_folder(b_save)
+    assert open(os.path.join(b_run, "latest")).read().strip() == "2"  # killed between the saves
+    assert not os.path.isdir(os.path.join(b_run, "3"))
+    out = train(demo, common + ["--save", b_save, "--resume"], nproc=2, SAT_COGVIDEO_FINAL_STATE=tmp_path / "b.pt")
+    assert f"resuming {b_run} at iteration 2" in out.stdout + out.stderr
+    assert run_folder(b_save) == b_run and open(os.path.join(b_run, "latest")).read().strip() == "3"
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert_same_optimizer_state(optimizer_shards(run_folder(a_save), 3), optimizer_shards(b_run, 3), updates=3)
+
+
+# ------------------------------------------------------------------------------------------------- data parallel
+
+
+SEEDED = os.path.join(ROOT, "tests", "train_seeded_per_sample.py")
+
+
+@pytest.fixture(scope="module")
+def per_sample_runs(demo, tmp_path_factory):
+    """One iteration over the whole 2-video dataset, split three ways, with each sample's loss noise seeded from
+    its caption (tests/train_seeded_per_sample.py): 2 processes × batch 1 (ZeRO-2 averages the ranks' gradients),
+    1 process × batch 2, and 1 process × batch 1 × 2 gradient-accumulation steps."""
+    tmp = tmp_path_factory.mktemp("per_sample")
+    # uniform_sampling gives each data-parallel rank its own timestep range (by design, so a global batch covers
+    # all noise levels): off here, so that a sample's timestep does not depend on its rank
+    same_t = tmp / "same_timestep_range.yaml"
+    same_t.write_text("model:\n  loss_fn_config:\n    params:\n      sigma_sampler_config:\n        params:\n"
+                      "          uniform_sampling: false\n")
+    common = ["--base", LORA, SFT, str(same_t), "--train-iters", "1", "--save-interval", "1", "--seed", "5", "--lr", "0.5"]
+    runs = {}
+    for name, nproc, extra in (("dp2", 2, ["--batch-size", "1"]), ("batch2", 1, ["--batch-size", "2"]),
+                               ("accum2", 1, ["--batch-size", "1", "--gradient-accumulation-steps", "2"])):
+        dump = tmp / f"{name}.pt"
+        out = train(demo, common + extra + ["--save", str(tmp / name)], nproc=nproc, script=SEEDED,
+                    SAT_COGVIDEO_FINAL_STATE=dump)
+        samples = [line.split(": ", 1) for line in out.stdout.splitlines() if line.startswith("sample rank=")]
+        runs[name] = {"state": torch.load(dump), "samples": samples, "run": run_folder(tmp / name)}
+    return runs
+
+
+def lora_factors(state):
+    return {k: v for k, v in state.items() if ".matrix_A." in k or ".matrix_B." in k}
+
+
+def test_two_processes_train_on_both_ranks_data(per_sample_runs):
+    """2 processes × batch 1 give the weights of 1 process × batch 2: the update averages both ranks' gradients
+    (with one rank's gradient only, or ranks updating their ZeRO partitions from their own data, they differ)."""
+    dp, single = per_sample_runs["dp2"], per_sample_runs["batch2"]
+    captions = {text for _, text in single["samples"]}
+    assert len(captions) == 2  # the global batch holds both videos
+    assert {rank for rank, _ in dp["samples"]} == {"sample rank=0", "sample rank=1"}
+    assert {text for _, text in dp["samples"]} == captions  # each rank trained on its own video
+    a, b = lora_factors(dp["state"]), lora_factors(single["state"])
+    assert a.keys() == b.keys() and len(a) == 16
+    assert all(a[k].abs().max() > 0 for k in a if ".matrix_B." in k)  # trained (the B factors start at zero)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(per_sample_runs):
+    """1 process × batch 1 × 2 accumulation steps = 1 process × batch 2: one optimizer step on the mean gradient."""
+    acc, single = per_sample_runs["accum2"], per_sample_runs["batch2"]
+    assert len(acc["samples"]) == 2 and {t for _, t in acc["samples"]} == {t for _, t in single["samples"]}
+    assert open(os.path.join(acc["run"], "latest")).read().strip() == "1"
+    a, b = lora_factors(acc["state"]), lora_factors(single["state"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    (shard,) = optimizer_shards(acc["run"], 1)
+    assert shard["base_optimizer_state"]["num_updates"] == 1  # one step, not two
+

@@ -12,95 +12,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from helpers import max_rel_err, randomize_
+# the tiny-DiT helpers live in helpers.py (also imported from here by test_lora, test_checkpoint, ...)
+from helpers import (build, diffusers_model, diffusers_rope, inputs, max_rel_err, network_config,  # noqa: F401
+                     random_model, randomize_, reset_fixed_tables, run_both)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v")
-
-
-def network_config(family: str, tiny: bool = True):
-    """``model.network_config`` of a family's YAML (tiny or full size)."""
-    path = os.path.join(ROOT, "configs", "tiny" if tiny else "", f"{family}.yaml")
-    return OmegaConf.load(path).model.network_config
-
-
-def build(family: str, tiny: bool = True, **overrides):
-    from sgm.util import instantiate_from_config
-
-    cfg = network_config(family, tiny)
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, f"params.{key}", value, merge=False)
-    return instantiate_from_config(cfg), cfg
-
-
-def reset_fixed_tables(model):
-    """Recompute the tables that are not weights (sincos / RoPE) after ``randomize_``."""
-    pos = model.mixins["pos_embed"]
-    if hasattr(pos, "reset_tables"):
-        pos.reset_tables()
-    else:
-        pos.reset_table()
-
-
-def random_model(family: str, seed: int = 0, **overrides):
-    model, cfg = build(family, **overrides)
-    randomize_(model, seed)
-    reset_fixed_tables(model)
-    return model.eval(), cfg
-
-
-def inputs(model, cfg, batch=2, seed=1, scale=1.0):
-    """Latents, timesteps, context (and ofs) of the shapes the model's config implies."""
-    p = cfg.params
-    pos = p.modules.pos_embed_config.params
-    gen = torch.Generator().manual_seed(seed)
-    if model.is_v15:
-        t, h, w = 2 * min(2, model.compressed_num_frames // 2), min(p.latent_height, 8), min(p.latent_width, 12)
-    else:
-        t, h, w = model.compressed_num_frames, p.latent_height, p.latent_width
-    x = torch.randn(batch, t, p.in_channels, h, w, generator=gen) * scale
-    ctx = torch.randn(batch, pos.text_length, p.modules.patch_embed_config.params.text_hidden_size,
-                      generator=gen) * scale
-    ts = torch.tensor([999.0, 417.0][:batch])
-    extra = {"ofs": torch.tensor([2.0])} if p.get("ofs_embed_dim") else {}
-    return x, ts, ctx, extra
-
-
-def diffusers_model(cfg, sat_state_dict, final_eps=1e-6):
-    from diffusers import CogVideoXTransformer3DModel
-
-    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
-
-    p = cfg.params
-    conf = diffusers_transformer_config(cfg, sample_size=(p.latent_height, p.latent_width))
-    hf = CogVideoXTransformer3DModel(**conf).eval()
-    # By construction diffusers uses norm_eps (1e-5) in the final adaLN LayerNorm, SAT 1e-6 (spec transformer.md
-    # §15).  SAT's value is what we ship; the test sets diffusers to it to compare everything else.
-    hf.norm_out.norm.eps = final_eps
-    converted = sat_to_diffusers_transformer(
-        sat_state_dict, learned_positional_embeddings=conf["use_learned_positional_embeddings"])
-    hf.load_state_dict(converted, strict=True)
-    return hf, conf
-
-
-def diffusers_rope(conf, x):
-    """The RoPE tables diffusers' pipelines compute for latents ``x`` (1.0 crop grid / 1.5 slice grid)."""
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-    if not conf["use_rotary_positional_embeddings"]:
-        return None
-    p, pt = conf["patch_size"], conf["patch_size_t"]
-    _, t, _, h, w = x.shape
-    gh, gw = h // p, w // p
-    base_h, base_w = conf["sample_height"] // p, conf["sample_width"] // p
-    if pt is None:
-        crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
-        return get_3d_rotary_pos_embed(conf["attention_head_dim"], crops, (gh, gw), t)
-    return get_3d_rotary_pos_embed(conf["attention_head_dim"], None, (gh, gw), t // pt, grid_type="slice",
-                                   max_size=(base_h, base_w))
 
 
 @torch.no_grad()
@@ -108,13 +26,6 @@ def shrink_embedding_biases(model, factor=1e-3):
     """With inputs scaled by 1e-3 the embeddings are tiny only if their biases are too: then LayerNorm eps shows."""
     model.mixins["patch_embed"].proj.bias.mul_(factor)
     model.mixins["patch_embed"].text_proj.bias.mul_(factor)
-
-
-def run_both(model, hf, conf, x, ts, ctx, extra):
-    with torch.no_grad():
-        ours = model(x, ts, ctx, **extra)
-        ref = hf(x, ctx, ts, ofs=extra.get("ofs"), image_rotary_emb=diffusers_rope(conf, x), return_dict=False)[0]
-    return ours, ref
 
 
 def compare(family, final_eps=1e-6, block_eps=None, exact_gelu=False, mlp_gain=1.0):
