@@ -9,8 +9,8 @@ groups, SwissArmyTransformer's training / evaluation / data groups and DeepSpeed
 * ``deepspeed:`` becomes ``args.deepspeed_config`` (a plain dict),
 * ``data:``      becomes ``args.data_config`` (a DictConfig).
 
-Differences from the original (README, "Differences from the original"): options given on the command line override the YAML
-(the original lets the YAML win); ``--device`` also takes ``cpu``/``cuda``/``cuda:N``; the distributed backend
+Differences from the original (README, "Differences from the original"): options given on the command line
+override the YAML (the original lets the YAML win); ``--device`` also takes ``cpu``/``cuda``/``cuda:N``; the distributed backend
 defaults to nccl on CUDA and gloo on CPU; bool-typed options parse "false"/"0" as False; CPU training is allowed.
 Every problem with a YAML file is one :class:`~sat_cogvideo.errors.UserError` naming the file and key.
 

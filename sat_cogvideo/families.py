@@ -82,6 +82,8 @@ class Generation:
     i2v_resize: str                   # media's I2V image resize: "cover_crop_bicubic" or "lanczos"
     fixed_size: bool                  # only the configured video size (1.0); else any multiple of 16 within it
     rope_only: bool                   # every model uses 3D RoPE (no sincos-table model like the 2B)
+    text_length: int                  # T5 tokens of the released models (226; 1.5: 224)
+    vae_invert_scale_latents: bool    # the diffusers VAE config of the release sets invert_scale_latents (1.5)
 
     def latent_frames(self, video_frames: int) -> int:
         """Latent frames sampled for ``video_frames`` video frames (the original's ``sampling_num_frames``)."""
@@ -106,11 +108,12 @@ GENERATIONS: dict[str, Generation] = {
                    sample_decode=DecodePlan(0, decode_pieces_10, use_cp_first_only=False, per_video=True),
                    stage_decode=DecodePlan(0, decode_whole, use_cp_first_only=False, per_video=False),
                    i2v_raw_latent=False, i2v_ofs=None, i2v_resize="cover_crop_bicubic", fixed_size=True,
-                   rope_only=False),
+                   rope_only=False, text_length=226, vae_invert_scale_latents=False),
         Generation(name="1.5", patch_size_t=2, padding_latents=1, min_latents=4, released_frames=(81, 161),
                    sample_decode=DecodePlan(1, decode_ranges_15, use_cp_first_only=True, per_video=False),
                    stage_decode=DecodePlan(1, decode_ranges_15, use_cp_first_only=True, per_video=False),
-                   i2v_raw_latent=True, i2v_ofs=2.0, i2v_resize="lanczos", fixed_size=False, rope_only=True),
+                   i2v_raw_latent=True, i2v_ofs=2.0, i2v_resize="lanczos", fixed_size=False, rope_only=True,
+                   text_length=224, vae_invert_scale_latents=True),
     )
 }
 

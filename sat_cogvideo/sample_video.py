@@ -31,6 +31,7 @@ from typing import Iterator, List, Optional
 
 from sat_cogvideo import rules
 from sat_cogvideo.errors import UserError, run_cli
+from sat_cogvideo.families import get_generation
 from sat_cogvideo.rules import (DTYPE_ALIASES, IMAGE_EXTS, SAMPLERS, max_sampling_steps,  # noqa: F401 (re-exported)
                                 read_prompt_file, seed_for)
 
@@ -336,7 +337,7 @@ def check_image_size(args, model_config, detected, gtype: str) -> tuple:
     size = tuple(int(v) for v in args.sampling_image_size)
     given = explicit(args, "sampling_image_size")
     flag = "--sampling-image-size" if given else "sampling_image_size:"
-    if detected.generation == "1.0":
+    if get_generation(detected.generation).fixed_size:
         if given:
             rules.check_fixed_size(flag, size, most, _model_name(detected))
         elif size != most and "sampling_image_size" in ((getattr(args, "config", None) or {}).get("args") or {}):

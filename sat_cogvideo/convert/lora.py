@@ -1,4 +1,5 @@
-"""SAT LoRA <-> diffusers LoRA, and merging a LoRA into the base SAT weights (the original's ``tools/export_sat_lora_weight.py``, for every family).
+"""SAT LoRA <-> diffusers LoRA, and merging a LoRA into the base SAT weights (the original's
+``tools/export_sat_lora_weight.py``, for every family).
 
 SAT's ``LoraMixin`` wraps, in every layer ``i`` of its ``layer_range``, the fused q/k/v projection (three rank-r
 adapters, one per third of the output) and the attention output projection.  Their tensors map one to one to

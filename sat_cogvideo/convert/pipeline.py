@@ -1,8 +1,8 @@
 """SAT checkpoints <-> a complete diffusers CogVideoX pipeline folder (the library behind ``tools/convert_*``).
 
 Maps to the original ``tools/convert_weight_sat2hf.py`` with its defects fixed
-(README, "Differences from the original"): only ``model.diffusion_model.`` keys are converted (finetune checkpoints work), the 2B sincos table
-is dropped, LoRA is merged on request or refused clearly, the scheduler's SNR shift and the VAE scaling factor follow the model, T5 comes
+(README, "Differences from the original"): only ``model.diffusion_model.`` keys are converted (finetune checkpoints
+work), the 2B sincos table is dropped, LoRA is merged on request or refused clearly, the scheduler's SNR shift and the VAE scaling factor follow the model, T5 comes
 from a local folder, loading is ``weights_only``.  Beyond the original it handles CogVideoX1.5 (``patch_size_t``,
 ``ofs``), detects the family from the checkpoint's shapes and checks the flags against it, and converts the other
 way (diffusers -> SAT).
@@ -46,6 +46,7 @@ import torch
 from sat_cogvideo.atomic import make_temp_dir
 from sat_cogvideo.checkpoint import SAT_PREFIX, load_checkpoint_file, read_state_dict, save_checkpoint
 from sat_cogvideo.errors import UserError
+from sat_cogvideo.families import get_generation
 from sat_cogvideo.convert.safetensors_io import open_weights_folder, write_streaming
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -244,7 +245,7 @@ def _model_scalars(model_cfg: Optional[dict], det) -> tuple[float, float, int]:
     fam = det.family
     scale = fam.scale_factor if fam else (1.15258426 if not det.rotary else 0.7)
     shift = fam.shift_scale if fam else (3.0 if not det.rotary else 1.0)
-    text_length = fam.text_length if fam else (224 if det.generation == "1.5" else 226)
+    text_length = fam.text_length if fam else get_generation(det.generation).text_length
     if model_cfg:
         scale = float(model_cfg.get("scale_factor", scale))
         disc = ((model_cfg.get("denoiser_config") or {}).get("params") or {}).get("discretization_config") or {}
@@ -618,7 +619,7 @@ def _pipeline_scalars(info, model_cfg, version: str, scaling_factor, snr_shift_s
 
         default_scale, default_shift, text_length = _model_scalars(model_cfg, detect_from_model_config(model_cfg))
     else:  # the original tool's defaults (2B values) when nothing tells the model
-        default_scale, default_shift, text_length = 1.15258426, 3.0, (224 if version == "1.5" else 226)
+        default_scale, default_shift, text_length = 1.15258426, 3.0, get_generation(version).text_length
     scale = float(scaling_factor) if scaling_factor is not None else default_scale
     shift = float(snr_shift_scale) if snr_shift_scale is not None else default_shift
     if info is not None and scaling_factor is not None and abs(scale - default_scale) > 1e-9:

@@ -1,4 +1,5 @@
-"""SAT <-> diffusers key map of the CogVideoX transformer, all five families (the renames of the original's ``tools/convert_weight_sat2hf.py``, both ways).
+"""SAT <-> diffusers key map of the CogVideoX transformer, all five families (the renames of the original's
+``tools/convert_weight_sat2hf.py``, both ways).
 
 The map is one table, :data:`TRANSFORMER_KEY_MAP`, read in both directions.  Each rule names a SAT key pattern and
 the diffusers key pattern(s) it becomes; ``{i}`` is a layer index and ``{p}`` ``weight`` or ``bias``.  A SAT tensor

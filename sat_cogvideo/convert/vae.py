@@ -14,6 +14,7 @@ import re
 from typing import Mapping
 
 from sat_cogvideo.errors import UserError
+from sat_cogvideo.families import get_generation
 
 # (SAT prefix, diffusers prefix). ``{i}``/``{j}`` are integers; ``{r}`` is the reversed up-level ``L-1-i``.
 PREFIX_RULES = (
@@ -135,6 +136,6 @@ def diffusers_vae_config(first_stage_config: Mapping | None = None, scaling_fact
         "temporal_compression_ratio": enc.get("temporal_compress_times", 4),
         "scaling_factor": scaling_factor,
     }
-    if str(version) == "1.5":
+    if get_generation(str(version)).vae_invert_scale_latents:
         config["invert_scale_latents"] = True
     return config
