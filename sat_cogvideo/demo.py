@@ -62,20 +62,28 @@ def _model_config(model: str):
     return cfg.model
 
 
-def _randomize(module, seed: int, scale: float = 0.05, skip=()) -> None:
-    """Random, seeded, non-zero values for every floating parameter (zero-initialised layers included),
-    drawn from a private generator (the global RNG is untouched).  Buffers (computed tables) are kept."""
+def randomize_(module, seed: int = 0, scale: float = 0.05, *, skip=(), buffers: bool = False,
+               unit_norms: bool = True, away_from_zero: bool = False):
+    """Random, seeded values ``scale * N(0, 1)`` for every floating parameter (zero-initialised layers included)
+    from a private generator (the global RNG is untouched); returns ``module``.
+
+    ``skip``: parameter names left alone; ``buffers``: computed tables too (else kept); ``unit_norms``: norm
+    weights become ``1 + noise``; ``away_from_zero``: every value moved by 1% of ``scale`` away from 0."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    tensors = list(module.named_parameters()) + (list(module.named_buffers()) if buffers else [])
     with torch.no_grad():
-        for name, t in module.named_parameters():
+        for name, t in tensors:
             if not t.is_floating_point() or name in skip:
                 continue
-            if name.endswith("weight") and ("norm" in name.lower() or "ln" in name.lower()) and t.ndim == 1:
-                t.copy_(1.0 + scale * torch.randn(t.shape, generator=gen))
-            else:
-                t.copy_(scale * torch.randn(t.shape, generator=gen))
+            noise = scale * torch.randn(t.shape, generator=gen)
+            if away_from_zero:
+                noise = noise + torch.sign(noise) * scale * 0.01
+            norm = unit_norms and t.ndim == 1 and name.endswith("weight") and (
+                "norm" in name.lower() or "ln" in name.lower())
+            t.copy_((1.0 + noise if norm else noise).to(t.dtype))
+    return module
 
 
 def build_t5(folder: str, model_config) -> str:
@@ -98,7 +106,7 @@ def build_vae(folder: str, model_config, seed: int = 1) -> str:
     cfg = OmegaConf.to_container(model_config.first_stage_config, resolve=False)
     cfg["params"].pop("ckpt_path", None)
     vae = instantiate_from_config(cfg)
-    _randomize(vae, seed, scale=0.05)
+    randomize_(vae, seed, scale=0.05)
     save_vae_checkpoint(vae, path)
     return path
 
@@ -122,7 +130,7 @@ def build_transformer(folder: str, model: str, model_config, seed: int = 2) -> s
         torch.manual_seed(seed)
         dit = instantiate_from_config(cfg)
     frozen = {n for n, p in dit.named_parameters() if not p.requires_grad}  # e.g. the 2B sincos table
-    _randomize(dit, seed, scale=0.05, skip=frozen)
+    randomize_(dit, seed, scale=0.05, skip=frozen)
     # as the released files: computed tables are not stored
     sd = {SAT_PREFIX + k: v.detach().clone().contiguous() for k, v in dit.state_dict().items() if k not in frozen}
     save_checkpoint(tdir, sd, 1)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -24,21 +25,12 @@ LEAK = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SI
 # ------------------------------------------------------------------------------------------------ numbers
 
 
-@torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    """Give every parameter and floating buffer random non-zero values (including zero-initialised ones).
+    """Every parameter and floating buffer random and non-zero (``scale * N(0, 1)`` moved 1% away from zero),
+    deterministic for ``seed``: the demo's :func:`sat_cogvideo.demo.randomize_` with buffers, no unit norms."""
+    from sat_cogvideo.demo import randomize_ as randomize
 
-    Values are ``scale * N(0, 1)`` plus a small offset away from zero, drawn from a private generator, so the
-    global RNG is untouched and the result is deterministic for a given ``seed`` and module structure.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if not tensor.is_floating_point():
-            continue
-        noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32) * scale
-        noise = noise + torch.sign(noise) * scale * 0.01
-        tensor.copy_(noise.to(tensor.dtype))
-    return module
+    return randomize(module, seed, scale, buffers=True, unit_norms=False, away_from_zero=True)
 
 
 def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -415,3 +407,120 @@ def tiny_sat_folder(tmp_path_factory, session_cache):
     os.symlink(os.path.dirname(paths["vae"]), folder / "vae")
     os.symlink(paths["t5"], folder / "t5")
     return str(folder)
+
+
+# ------------------------------------------------------------------------------------------------ tiny parts
+
+
+def tiny_vae_config(cp_size=1, ckpt_path=None, gather_norm_decoder=False, ch=32, ch_mult=(1, 1, 1, 2),
+                    num_res_blocks=1):
+    """first_stage_config of the CogVideoX YAML files, with tiny sizes (GroupNorm needs 32-channel multiples)."""
+    params = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=ch,
+                  ch_mult=list(ch_mult), attn_resolutions=[], num_res_blocks=num_res_blocks, dropout=0.0)
+    return {
+        "target": "vae_modules.autoencoder.VideoAutoencoderInferenceWrapper",
+        "params": {
+            "cp_size": cp_size,
+            "ckpt_path": ckpt_path,
+            "ignore_keys": ["loss"],
+            "loss_config": {"target": "torch.nn.Identity"},
+            "regularizer_config": {"target": "vae_modules.regularizers.DiagonalGaussianRegularizer"},
+            "encoder_config": {"target": "vae_modules.cp_enc_dec.ContextParallelEncoder3D",
+                               "params": dict(params, gather_norm=True)},
+            "decoder_config": {"target": "vae_modules.cp_enc_dec.ContextParallelDecoder3D",
+                               "params": dict(params, gather_norm=gather_norm_decoder)},
+        },
+    }
+
+
+def build_tiny_vae(seed=0, **kwargs):
+    from sgm.util import instantiate_from_config
+
+    vae = instantiate_from_config(tiny_vae_config(**kwargs)).eval()
+    return randomize_(vae, seed)
+
+
+def diffusers_scheduler(cls, shift):
+    """The scheduler as the converter configures it (spec convert.md section 6)."""
+    return cls.from_config(dict(
+        snr_shift_scale=shift, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        timestep_spacing="trailing"))
+
+
+def table(shift):
+    """The 1000-entry sqrt(alpha_bar) table of ZeroSNRDDPMDiscretization (index = DDPM timestep)."""
+    from sgm.modules.diffusionmodules.discretizer import ZeroSNRDDPMDiscretization
+
+    return ZeroSNRDDPMDiscretization(shift_scale=shift)(1000, do_append_zero=False, flip=True)
+
+
+# the toy sampler problem: batch, frames, channels, height, width, context length and width
+B, T, C, H, W, L, D = 1, 2, 4, 4, 4, 3, 8
+
+
+class ToyDiT(nn.Module):
+    """A fixed tiny nonlinear v-predictor with the DiT's call signature (x, timesteps, context, y, **kw)."""
+
+    def __init__(self, in_channels=C, out_channels=C, seed=0):
+        super().__init__()
+        self.lin = nn.Linear(in_channels, out_channels)
+        self.temb = nn.Linear(16, out_channels)
+        self.ctx = nn.Linear(D, out_channels)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        self.seen = []
+
+    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+        self.seen.append({"timesteps": timesteps.clone(), "kwargs": sorted(kwargs)})
+        h = x.movedim(2, -1)  # [B, T, H, W, C]
+        from sgm.modules.diffusionmodules.util import timestep_embedding
+
+        cond = self.temb(timestep_embedding(timesteps, 16, dtype=x.dtype)) + self.ctx(context.mean(1))
+        return (torch.tanh(self.lin(h) + cond[:, None, None, None]) + 0.1 * h[..., :self.lin.out_features]
+                ).movedim(-1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ SAT folders
+
+P = "model.diffusion_model."
+# patch embedding and final layer shapes of the released checkpoints
+SHAPES = {
+    "cogvideox-2b": ([1920, 16, 2, 2], [64, 1920]),
+    "cogvideox-5b": ([3072, 16, 2, 2], [64, 3072]),
+    "cogvideox-5b-i2v": ([3072, 32, 2, 2], [64, 3072]),
+    "cogvideox1.5-5b": ([3072, 128], [128, 3072]),
+    "cogvideox1.5-5b-i2v": ([3072, 256], [128, 3072]),
+}
+
+
+def make_sat_folder(root, family: str, t5_name: str = "t5-v1_1-xxl", tag: str = "1000") -> str:
+    """A SAT model folder whose checkpoint has ``family``'s shapes (only the tensors detection needs)."""
+    proj, final = SHAPES[family]
+    sd = {P + "mixins.patch_embed.proj.weight": torch.zeros(proj, dtype=torch.bfloat16),
+          P + "mixins.final_layer.linear.weight": torch.zeros(final, dtype=torch.bfloat16),
+          P + "transformer.layers.0.attention.dense.weight": torch.zeros(1, dtype=torch.bfloat16)}
+    if family != "cogvideox-2b" and not family.startswith("cogvideox1.5"):
+        sd[P + "transformer.position_embeddings.weight"] = torch.zeros(1, dtype=torch.bfloat16)
+    if family == "cogvideox1.5-5b-i2v":
+        sd[P + "ofs_embed.0.weight"] = torch.zeros(1, dtype=torch.bfloat16)
+    root = str(root)
+    os.makedirs(os.path.join(root, "transformer", tag))
+    torch.save({"module": sd}, os.path.join(root, "transformer", tag, "mp_rank_00_model_states.pt"))
+    with open(os.path.join(root, "transformer", "latest"), "w") as f:
+        f.write(tag + "\n")
+    os.makedirs(os.path.join(root, "vae"))
+    open(os.path.join(root, "vae", "3d-vae.pt"), "wb").close()
+    os.makedirs(os.path.join(root, t5_name))
+    with open(os.path.join(root, t5_name, "config.json"), "w") as f:
+        f.write("{}")
+    return root
+
+
+def make_image(path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(path)
+    return str(path)

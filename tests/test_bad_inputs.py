@@ -330,7 +330,7 @@ def test_step_limit_comes_from_the_schedule_in_the_config(demo_paths, no_weights
 ])
 def test_cluster_rules_check_the_same_ranges(variables, message, tmp_path, monkeypatch, capsys):
     from sat_cogvideo import launch
-    from test_launch import make_image, make_sat_folder
+    from helpers import make_image, make_sat_folder
 
     folder = make_sat_folder(tmp_path / "m", "cogvideox-5b")
     if variables.get("PROMPT_FILE") == "@@":

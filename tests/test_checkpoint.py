@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from test_transformer import build, inputs, random_model
+from helpers import build, inputs, random_model
 
 
 class Custom:

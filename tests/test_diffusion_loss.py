@@ -5,7 +5,7 @@ import torch
 from sat_cogvideo.errors import UserError
 from sgm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from sgm.util import instantiate_from_config
-from test_diffusion_samplers import B, C, D, H, L, T, W, ToyDiT
+from helpers import B, C, D, H, L, T, W, ToyDiT
 
 P = "sgm.modules.diffusionmodules."
 DISC = {"target": P + "discretizer.ZeroSNRDDPMDiscretization", "params": {"shift_scale": 3.0}}

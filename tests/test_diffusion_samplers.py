@@ -13,39 +13,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
-from helpers import max_rel_err
-from sgm.modules.diffusionmodules.util import timestep_embedding
+from helpers import B, C, D, H, L, T, W, ToyDiT, diffusers_scheduler, max_rel_err  # noqa: F401
 from sgm.modules.diffusionmodules.wrappers import OpenAIWrapper
 from sgm.util import instantiate_from_config
-from test_diffusion_schedule import diffusers_scheduler
 
-B, T, C, H, W, L, D = 1, 2, 4, 4, 4, 3, 8
 P = "sgm.modules.diffusionmodules."
-
-
-class ToyDiT(nn.Module):
-    """A fixed tiny nonlinear v-predictor with the DiT's call signature (x, timesteps, context, y, **kw)."""
-
-    def __init__(self, in_channels=C, out_channels=C, seed=0):
-        super().__init__()
-        self.lin = nn.Linear(in_channels, out_channels)
-        self.temb = nn.Linear(16, out_channels)
-        self.ctx = nn.Linear(D, out_channels)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        self.seen = []
-
-    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        self.seen.append({"timesteps": timesteps.clone(), "kwargs": sorted(kwargs)})
-        h = x.movedim(2, -1)  # [B, T, H, W, C]
-        cond = self.temb(timestep_embedding(timesteps, 16, dtype=x.dtype)) + self.ctx(context.mean(1))
-        return (torch.tanh(self.lin(h) + cond[:, None, None, None]) + 0.1 * h[..., :self.lin.out_features]
-                ).movedim(-1, 2)
 
 
 def make_parts(shift, guider, num_steps, sampler="VPSDEDPMPP2MSampler", **sampler_params):
@@ -129,7 +103,7 @@ def test_dpmpp2m_equals_diffusers_with_full_schedule(shift, use_dynamic):
                                          ("VideoDDIMSampler", CogVideoXDDIMScheduler)])
 def test_step_math_equals_diffusers_given_the_same_table(monkeypatch, sampler, cls):
     """With diffusers' alphas_cumprod replaced by our float32 table only op-order rounding remains."""
-    from test_diffusion_schedule import table
+    from helpers import table
 
     me = sys.modules[__name__]
 

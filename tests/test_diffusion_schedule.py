@@ -7,21 +7,10 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from sgm.modules.diffusionmodules.discretizer import ZeroSNRDDPMDiscretization
 from sgm.modules.diffusionmodules.guiders import DynamicCFG
+from helpers import diffusers_scheduler, table
 from sgm.util import instantiate_from_config
 
 DISC = "sgm.modules.diffusionmodules.discretizer.ZeroSNRDDPMDiscretization"
-
-
-def diffusers_scheduler(cls, shift):
-    """The scheduler as the converter configures it (spec convert.md section 6)."""
-    return cls.from_config(dict(
-        snr_shift_scale=shift, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-        timestep_spacing="trailing"))
-
-
-def table(shift):
-    return ZeroSNRDDPMDiscretization(shift_scale=shift)(1000, do_append_zero=False, flip=True)
 
 
 @pytest.mark.parametrize("cls", [CogVideoXDPMScheduler, CogVideoXDDIMScheduler])

@@ -6,7 +6,7 @@ import torch
 
 # demo_paths (fixture), model_config, make_engine and text_cond live in helpers.py (also imported from here by
 # modules that predate it)
-from helpers import demo_paths, make_engine, max_rel_err, model_config, text_cond  # noqa: F401
+from helpers import make_engine, max_rel_err, text_cond
 
 
 # ------------------------------------------------------------------------------------------------ tests

@@ -1,5 +1,4 @@
 """finetune.sh: the no-argument demo really trains; arguments and NPROC/--nproc reach the right command."""
-import glob
 import os
 import subprocess
 

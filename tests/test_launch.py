@@ -8,52 +8,11 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 import yaml
 
+from helpers import make_image, make_sat_folder
 from sat_cogvideo import launch
 from sat_cogvideo.errors import UserError
-
-P = "model.diffusion_model."
-# patch embedding and final layer shapes of the released checkpoints (spec models.md §3)
-SHAPES = {
-    "cogvideox-2b": ([1920, 16, 2, 2], [64, 1920]),
-    "cogvideox-5b": ([3072, 16, 2, 2], [64, 3072]),
-    "cogvideox-5b-i2v": ([3072, 32, 2, 2], [64, 3072]),
-    "cogvideox1.5-5b": ([3072, 128], [128, 3072]),
-    "cogvideox1.5-5b-i2v": ([3072, 256], [128, 3072]),
-}
-
-
-def make_sat_folder(root, family: str, t5_name: str = "t5-v1_1-xxl", tag: str = "1000") -> str:
-    """A SAT model folder whose checkpoint has ``family``'s shapes (only the tensors detection needs)."""
-    proj, final = SHAPES[family]
-    sd = {P + "mixins.patch_embed.proj.weight": torch.zeros(proj, dtype=torch.bfloat16),
-          P + "mixins.final_layer.linear.weight": torch.zeros(final, dtype=torch.bfloat16),
-          P + "transformer.layers.0.attention.dense.weight": torch.zeros(1, dtype=torch.bfloat16)}
-    if family != "cogvideox-2b" and not family.startswith("cogvideox1.5"):
-        sd[P + "transformer.position_embeddings.weight"] = torch.zeros(1, dtype=torch.bfloat16)
-    if family == "cogvideox1.5-5b-i2v":
-        sd[P + "ofs_embed.0.weight"] = torch.zeros(1, dtype=torch.bfloat16)
-    root = str(root)
-    os.makedirs(os.path.join(root, "transformer", tag))
-    torch.save({"module": sd}, os.path.join(root, "transformer", tag, "mp_rank_00_model_states.pt"))
-    with open(os.path.join(root, "transformer", "latest"), "w") as f:
-        f.write(tag + "\n")
-    os.makedirs(os.path.join(root, "vae"))
-    open(os.path.join(root, "vae", "3d-vae.pt"), "wb").close()
-    os.makedirs(os.path.join(root, t5_name))
-    with open(os.path.join(root, t5_name, "config.json"), "w") as f:
-        f.write("{}")
-    return root
-
-
-def make_image(path) -> str:
-    from PIL import Image
-
-    Image.new("RGB", (96, 64), (200, 30, 30)).save(path)
-    return str(path)
-
 
 @pytest.fixture
 def env(tmp_path):

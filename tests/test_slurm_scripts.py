@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import clean_env, read_frames  # noqa: F401  (also imported from here by older modules)
-from test_launch import make_image, make_sat_folder
+from helpers import make_image, make_sat_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFER = os.path.join(ROOT, "scripts", "slurm_inference.sh")

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-# the tiny-DiT helpers live in helpers.py (also imported from here by test_lora, test_checkpoint, ...)
-from helpers import (build, diffusers_model, diffusers_rope, inputs, max_rel_err, network_config,  # noqa: F401
-                     random_model, randomize_, reset_fixed_tables, run_both)
+# the tiny-DiT helpers live in helpers.py
+from helpers import DEMO_FAMILIES as FAMILIES
+from helpers import build, diffusers_model, inputs, max_rel_err, random_model, randomize_, run_both
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v")
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from test_transformer import FAMILIES, build, network_config
+from helpers import DEMO_FAMILIES as FAMILIES, build, network_config
 
 # DiT parameters of each family (spec models.md §1): trainable, excluding SAT's unused absolute table
 # `transformer.position_embeddings.weight` and frozen tables/buffers.

@@ -14,8 +14,7 @@ import os
 import pytest
 import torch
 
-from helpers import max_rel_err, randomize_
-from test_vae_cp import build_tiny_vae, tiny_vae_config
+from helpers import build_tiny_vae, max_rel_err, randomize_, tiny_vae_config
 
 from sat_cogvideo.convert.vae import (convert_vae_diffusers_to_sat, convert_vae_sat_to_diffusers,
                                       diffusers_to_sat_key, diffusers_vae_config, sat_to_diffusers_key)

@@ -1,7 +1,4 @@
 """Context parallelism of the VAE: 2 gloo processes give the same encode/decode as 1 process.
-
-Also holds the tiny VAE config shared by ``test_vae.py`` (this module imports no diffusers, so the spawned
-workers start quickly).
 """
 from __future__ import annotations
 
@@ -12,35 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import max_rel_err, randomize_
-
-
-def tiny_vae_config(cp_size=1, ckpt_path=None, gather_norm_decoder=False, ch=32, ch_mult=(1, 1, 1, 2),
-                    num_res_blocks=1):
-    """first_stage_config of the CogVideoX YAML files, with tiny sizes (GroupNorm needs 32-channel multiples)."""
-    params = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=ch,
-                  ch_mult=list(ch_mult), attn_resolutions=[], num_res_blocks=num_res_blocks, dropout=0.0)
-    return {
-        "target": "vae_modules.autoencoder.VideoAutoencoderInferenceWrapper",
-        "params": {
-            "cp_size": cp_size,
-            "ckpt_path": ckpt_path,
-            "ignore_keys": ["loss"],
-            "loss_config": {"target": "torch.nn.Identity"},
-            "regularizer_config": {"target": "vae_modules.regularizers.DiagonalGaussianRegularizer"},
-            "encoder_config": {"target": "vae_modules.cp_enc_dec.ContextParallelEncoder3D",
-                               "params": dict(params, gather_norm=True)},
-            "decoder_config": {"target": "vae_modules.cp_enc_dec.ContextParallelDecoder3D",
-                               "params": dict(params, gather_norm=gather_norm_decoder)},
-        },
-    }
-
-
-def build_tiny_vae(seed=0, **kwargs):
-    from sgm.util import instantiate_from_config
-
-    vae = instantiate_from_config(tiny_vae_config(**kwargs)).eval()
-    return randomize_(vae, seed)
+from helpers import build_tiny_vae, max_rel_err
 
 
 def cp_inputs():
