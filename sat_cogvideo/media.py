@@ -53,6 +53,27 @@ def write_video(path: str, video, fps: int, quality: float | None = 5) -> str:
     return path
 
 
+def preview_strip(video, max_frames: int = 8) -> np.ndarray:
+    """Up to ``max_frames`` frames, evenly spaced from first to last, side by side: ``[H, n*W, 3]`` uint8.
+
+    ``video`` is what :func:`write_video` takes (``[F, 3, H, W]`` floats in [0, 1] or ``[F, H, W, 3]`` uint8)."""
+    frames = frames_to_uint8(video) if isinstance(video, torch.Tensor) else np.asarray(video, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected [frames, H, W, 3] uint8 frames, got {frames.shape}")
+    n = min(max_frames, len(frames))
+    picks = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    return np.concatenate([frames[i] for i in picks], axis=1)
+
+
+def write_preview(path: str, video, max_frames: int = 8) -> str:
+    """Write a PNG strip of frames (:func:`preview_strip`) at ``path``, atomically; return ``path``."""
+    from PIL import Image
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(preview_strip(video, max_frames)).save(tmp, format="PNG")
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # input
 
