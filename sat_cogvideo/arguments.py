@@ -135,6 +135,9 @@ def build_parser(extra: Iterable[Callable] = ()) -> argparse.ArgumentParser:
         parser.add_argument("--deepspeed_config", type=str, default=None)
     # Ours: the backend follows the device unless given.
     parser.set_defaults(distributed_backend=None)
+    from sat_cogvideo.hub import add_hub_args
+
+    add_hub_args(parser)  # --revision of a Hugging Face id given to --load
     for add in extra:
         add(parser)
     for action in parser._actions:  # SAT's help texts carry bare '%' signs, which break --help

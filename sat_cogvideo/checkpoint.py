@@ -81,18 +81,18 @@ def save_checkpoint(directory, state_dict: Mapping[str, torch.Tensor], iteration
     return target
 
 
-_HF_TO_SAT = ("convert it once with python tools/convert_weight_hf2sat.py --input_path <diffusers folder> "
-              "--output_path <SAT folder> and load <SAT folder>/transformer")
+_HF_TO_SAT = ("--load and MODEL_PATH take diffusers pipelines and Hugging Face ids; here a SAT checkpoint is "
+              "needed: convert it once with python tools/convert_weight_hf2sat.py --input_path <diffusers folder> "
+              "--output_path <SAT folder> and use <SAT folder>/transformer")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def not_sat_reason(path) -> str | None:
-    """Why ``path`` is a diffusers folder or a Hugging Face id rather than a SAT checkpoint (None otherwise)."""
+    """Why ``path`` is a diffusers folder or a Hugging Face id rather than a SAT checkpoint (None otherwise);
+    for the places that need a SAT checkpoint (``--lora-path``, ``--resume``, the converters, ...)."""
     path = Path(path)
     if not path.exists() and _HUB_ID.match(str(path)):
-        return (f"{path} does not exist here; if it is the Hugging Face id of a diffusers release, the SAT path "
-                f"reads local SAT checkpoints only: download it (huggingface-cli download {path} --local-dir DIR) "
-                f"and {_HF_TO_SAT}")
+        return f"{path} does not exist here and looks like a Hugging Face id: {_HF_TO_SAT}"
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return f"{path} is a diffusers pipeline folder, not a SAT checkpoint: {_HF_TO_SAT}"

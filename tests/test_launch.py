@@ -145,19 +145,22 @@ def test_float16_on_a_5b_model_is_a_warning(env):
     assert job.dtype == "float16" and any("black or NaN" in n for n in job.notes)
 
 
-def test_model_folder_errors(tmp_path):
+def test_model_folder_errors(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     def msg(path, **kw):
         with pytest.raises(UserError) as info:
             launch.find_model_folder(str(path), **kw)
         return str(info.value)
 
     assert "MODEL_PATH '/nonexistent/m' does not exist: download a CogVideoX SAT checkpoint" in msg("/nonexistent/m")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache, offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub = msg("THUDM/CogVideoX1.5-5b")
-    assert "MODEL_PATH: THUDM/CogVideoX1.5-5b does not exist here; if it is the Hugging Face id" in hub
-    assert "tools/convert_weight_hf2sat.py" in hub
+    assert "MODEL_PATH THUDM/CogVideoX1.5-5b is not in the Hugging Face cache" in hub and "HF_HUB_OFFLINE" in hub
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    assert "is a diffusers pipeline folder, not a SAT checkpoint" in msg(tmp_path / "pipe")
+    assert "is a diffusers pipeline, not a CogVideoX one" in msg(tmp_path / "pipe")
     (tmp_path / "empty").mkdir()
     assert "has no transformer/ folder" in msg(tmp_path / "empty")
     m = make_sat_folder(tmp_path / "m", "cogvideox-2b")

@@ -80,16 +80,21 @@ def test_broken_checkpoint_files_are_named(demo_paths, tmp_path, capsys, no_engi
     assert "is not a SAT checkpoint: expected" in err, err
 
 
-def test_diffusers_folders_and_hub_ids_name_the_converter(demo_paths, tmp_path, capsys, no_engine, monkeypatch):
+def test_diffusers_folders_and_hub_ids_are_checked_first(demo_paths, tmp_path, capsys, no_engine, monkeypatch):
+    """Hub ids and pipeline folders load (tests/test_hub_loading.py); missing or incomplete ones are one line."""
+    from huggingface_hub import constants
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache, offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     err = _main_error(_argv(demo_paths, "cogvideox_5b", "THUDM/CogVideoX-5b", tmp_path), capsys)
-    assert "Hugging Face id" in err and "tools/convert_weight_hf2sat.py" in err, err
+    assert "THUDM/CogVideoX-5b is not in the Hugging Face cache" in err and "HF_HUB_OFFLINE=1" in err, err
     pipe = tmp_path / "CogVideoX-5b"
     (pipe / "transformer").mkdir(parents=True)
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
     (pipe / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     err = _main_error(_argv(demo_paths, "cogvideox_5b", pipe, tmp_path), capsys)
-    assert "is a diffusers pipeline folder, not a SAT checkpoint" in err and "convert_weight_hf2sat" in err, err
+    assert "is an incomplete diffusers pipeline: missing transformer/config.json, vae/config.json" in err, err
     err = _main_error(_argv(demo_paths, "cogvideox_5b", pipe / "transformer", tmp_path), capsys)
     assert "is a diffusers model folder" in err, err
 

@@ -718,6 +718,7 @@ def _diffusers_parts(input_path: str) -> dict:
                         "or its transformer/ folder")
     parts = {}
     if os.path.isfile(os.path.join(input_path, "model_index.json")):
+        parts["model"] = input_path
         for name in ("transformer", "vae", "text_encoder", "tokenizer"):
             if os.path.isdir(os.path.join(input_path, name)):
                 parts[name] = os.path.join(input_path, name)
@@ -729,7 +730,7 @@ def _diffusers_parts(input_path: str) -> dict:
             parts["vae"] = input_path
         else:
             raise UserError(f"{input_path}/config.json describes {cls!r}, not a CogVideoX transformer or VAE")
-    if "transformer" not in parts and "vae" not in parts:
+    if "transformer" not in parts and "vae" not in parts:  # (a pipeline folder's root is parts["model"])
         raise UserError(f"{input_path} holds neither transformer/ nor vae/: nothing to convert")
     return parts
 
@@ -776,6 +777,7 @@ def convert_diffusers_to_sat(input_path: str, output_path: str, *, dtype=None, o
         <output>/transformer/latest, <output>/transformer/<iteration>/mp_rank_00_model_states.pt
         <output>/vae/3d-vae.pt
         <output>/t5-v1_1-xxl/          (T5 encoder + tokenizer in one folder, as the SAT release; if present)
+        <output>/model.yaml            (pipeline folders: the SAT model config of these weights, any size)
 
     Tensors keep their dtype unless ``dtype`` is given.  The 1.0 RoPE models also get SAT's unused
     ``transformer.position_embeddings.weight`` (zeros, shape [64, hidden]) so the files look like the released
@@ -805,5 +807,37 @@ def convert_diffusers_to_sat(input_path: str, output_path: str, *, dtype=None, o
         if "text_encoder" in parts and "tokenizer" in parts:
             _copy_t5(parts["text_encoder"], parts["tokenizer"], os.path.join(tmp, "t5-v1_1-xxl"))
             summary["t5"] = True
+        if "transformer" in parts and "vae" in parts and "model" in parts:
+            summary["yaml"] = write_sat_model_yaml(parts["model"], os.path.join(tmp, SAT_MODEL_YAML), target.path,
+                                                   with_t5=bool(summary.get("t5")))
+            log(f"model config: {summary['yaml']} (run with --base {os.path.join(target.path, SAT_MODEL_YAML)} "
+                f"<inference yaml> --load {os.path.join(target.path, 'transformer')})")
     log(f"wrote {target.path}")
     return summary
+
+
+SAT_MODEL_YAML = "model.yaml"
+
+
+def write_sat_model_yaml(pipeline_root: str, path: str, output_root: str, with_t5: bool) -> str:
+    """The SAT ``model:`` YAML of a converted pipeline (any size: the configs/ file of a released family, else
+    derived from the diffusers configs, :class:`~sat_cogvideo.convert.diffusers_source.DiffusersSource`), pointed
+    at the SAT folder's ``vae/3d-vae.pt`` and ``t5-v1_1-xxl/`` by absolute paths; returns how it was chosen."""
+    from omegaconf import OmegaConf
+
+    from sat_cogvideo.atomic import atomic_write_text
+    from sat_cogvideo.convert.diffusers_source import DiffusersSource
+    from sat_cogvideo.hub import PipelineFolder
+
+    mc = DiffusersSource(PipelineFolder(os.path.abspath(pipeline_root), "")).model_config()
+    how = mc.pop("_source")
+    mc["first_stage_config"]["params"]["ckpt_path"] = os.path.join(output_root, "vae", "3d-vae.pt")
+    for emb in mc["conditioner_config"]["params"]["emb_models"]:
+        if str(emb.get("target", "")).endswith("FrozenT5Embedder"):
+            emb["params"].pop("tokenizer_dir", None)
+            emb["params"]["model_dir"] = os.path.join(output_root, "t5-v1_1-xxl") if with_t5 else "t5-v1_1-xxl"
+    header = (f"# SAT model config of {os.path.abspath(pipeline_root)}, written by tools/convert_weight_hf2sat.py\n"
+              f"# ({how}).  Use: --base <this file> configs/inference{'_1.5' if 'cogvideox1.5' in how else ''}.yaml "
+              f"--load {os.path.join(output_root, 'transformer')}\n")
+    atomic_write_text(path, header + OmegaConf.to_yaml(OmegaConf.create({"model": mc})))
+    return how

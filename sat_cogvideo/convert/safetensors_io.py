@@ -236,23 +236,73 @@ def open_safetensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def open_weights_folder(folder: str, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors of ``folder/<prefix>.safetensors`` or of its shards listed in ``<prefix>.safetensors.index.json``."""
+def weight_files(folder: str, prefix: str) -> list[str]:
+    """The files of ``folder/<prefix>.safetensors`` or of its shards listed in ``<prefix>.safetensors.index.json``
+    (each checked to exist)."""
     single = os.path.join(folder, f"{prefix}.safetensors")
     index = os.path.join(folder, f"{prefix}.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
             try:
                 files = sorted(set(json.load(f)["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError):
+            except (ValueError, KeyError, AttributeError, TypeError):
                 raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
-        out = {}
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                raise UserError(f"{index} lists {name}, which is missing: the download is incomplete")
-            out.update(open_safetensors(path))
-        return out
+        paths = [os.path.join(folder, name) for name in files]
+        lost = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+        if lost:
+            raise UserError(f"{index} lists {', '.join(lost)}, which {'is' if len(lost) == 1 else 'are'} missing: "
+                            f"the download is incomplete")
+        return paths
     if os.path.isfile(single):
-        return open_safetensors(single)
+        return [single]
     raise UserError(f"{folder} holds no {prefix}.safetensors (or sharded index): is it a diffusers model folder?")
+
+
+def open_weights_folder(folder: str, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors of ``folder/<prefix>.safetensors`` or of its shards listed in ``<prefix>.safetensors.index.json``."""
+    out = {}
+    for path in weight_files(folder, prefix):
+        out.update(open_safetensors(path))
+    return out
+
+
+def header_tensors(folder: str, prefix: str) -> dict[str, torch.Tensor]:
+    """Meta tensors (names, shapes, dtypes) of a weights folder, read from the file headers only."""
+    out = {}
+    for path in weight_files(folder, prefix):
+        _, header = read_header(path)
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            dtype = NAME_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+            out[name] = torch.empty(info["shape"], dtype=dtype, device="meta")
+    return out
+
+
+def iter_safetensors(path: str):
+    """``(name, tensor)`` of a safetensors file in file order, each a view of a private memory map; the pages of a
+    tensor are handed back to the kernel (``MADV_DONTNEED``) once the consumer asks for the next one, so reading a
+    whole file keeps only about one tensor's pages resident (copy what you need before advancing)."""
+    start, header = read_header(path)
+    header.pop("__metadata__", None)
+    if os.path.getsize(path) == start:
+        for name, info in header.items():
+            yield name, torch.empty(info["shape"], dtype=NAME_DTYPES[info["dtype"]])
+        return
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    page = mmap.PAGESIZE
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = NAME_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = (start + o for o in info["data_offsets"])
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        yield name, torch.frombuffer(mm, dtype=dtype, count=count, offset=begin).view(info["shape"])
+        if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            first = begin - begin % page
+            mm.madvise(mmap.MADV_DONTNEED, first, end - first)

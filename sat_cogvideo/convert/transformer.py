@@ -12,6 +12,7 @@ Public API::
 
     sat_to_diffusers_transformer(state_dict, *, learned_positional_embeddings=None) -> dict
     diffusers_to_sat_transformer(state_dict, *, prefix="") -> dict
+    diffusers_key_placement(key) -> (SAT key, chunks, chunk indices) | None   # for streaming loads
     diffusers_transformer_config(network_config, *, sample_size=None) -> dict
     SAT_PREFIX                          # "model.diffusion_model." (the engine's prefix)
     SAT_DROPPED_KEYS                    # SAT keys with no diffusers counterpart (dropped on the way out)
@@ -161,6 +162,18 @@ def _looks_learned(table: torch.Tensor) -> bool:
     if table.device.type == "meta":
         return False
     return bool(table.reshape(-1, table.shape[-1])[0].abs().sum() != 0)
+
+
+def diffusers_key_placement(key: str) -> tuple[str, int, tuple[int, ...]] | None:
+    """Where one diffusers tensor goes in the SAT DiT, from :data:`TRANSFORMER_KEY_MAP`: ``(SAT key, n, idx)``
+    means the SAT tensor is cut into ``n`` equal dim-0 chunks and the diffusers tensor's ``len(idx)`` equal dim-0
+    pieces are SAT chunks ``idx`` in that order (a rename is ``(key, 1, (0,))``).  None for an unknown key.
+    Lets a loader write each file tensor straight into its rows of the SAT parameter."""
+    for regex, rule, part in _HF_RULES:
+        match = regex.match(key)
+        if match:
+            return _fill(rule.sat, match.groupdict()), rule.chunks, tuple(rule.parts[part][1])
+    return None
 
 
 def diffusers_to_sat_transformer(state_dict: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -189,14 +189,18 @@ T5_FILES_HELP = ("config.json, spiece.model and the weights (model.safetensors, 
                  "model.safetensors.index.json, or pytorch_model.bin)")
 
 
-def check_t5_folder(model_dir) -> str:
-    """Raise ``UserError`` unless ``model_dir`` is a local T5 folder with config, tokenizer and complete weights."""
+def check_t5_folder(model_dir, tokenizer_dir=None) -> str:
+    """Raise ``UserError`` unless ``model_dir`` is a local T5 folder with config, tokenizer and complete weights
+    (the tokenizer may live in ``tokenizer_dir``, as in a diffusers pipeline's ``tokenizer/``)."""
     folder = os.fspath(model_dir)
     if not os.path.isdir(folder):
         raise UserError(f"T5 folder {folder!r} does not exist: set model_dir of FrozenT5Embedder (conditioner_config) "
                         f"to a local folder holding {T5_FILES_HELP}")
     present = set(os.listdir(folder))
-    missing = [name for name in ("config.json", "spiece.model") if name not in present]
+    missing = [] if "config.json" in present else ["config.json"]
+    tok = os.fspath(tokenizer_dir) if tokenizer_dir else folder
+    if not (os.path.isfile(os.path.join(tok, "spiece.model")) or os.path.isfile(os.path.join(tok, "tokenizer.json"))):
+        missing.append("spiece.model" if tok == folder else f"{tok}/spiece.model (or tokenizer.json)")
     weights = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json"}
     if not present & weights:
@@ -226,18 +230,21 @@ class FrozenT5Embedder(AbstractEmbModel):
 
     Tokenizes with padding to exactly ``max_length`` and truncation (EOS appended), runs transformers'
     ``T5EncoderModel`` **without an attention mask** (padding is attended, as in the original) and returns
-    ``last_hidden_state`` ``[B, max_length, d_model]``.  Loads only from the local folder ``model_dir``.
+    ``last_hidden_state`` ``[B, max_length, d_model]``.  Loads only from the local folder ``model_dir`` (the
+    tokenizer from ``tokenizer_dir`` when given: a diffusers pipeline's ``tokenizer/``).
     Token ids go to the encoder's own device (the original sent them to CUDA); ``device`` is kept for
     config compatibility.  Weights appear in the engine's state dict as ``conditioner.embedders.0.transformer.*``.
     """
 
-    def __init__(self, model_dir="google/t5-v1_1-xxl", device=None, max_length=77, freeze=True, cache_dir=None):
+    def __init__(self, model_dir="google/t5-v1_1-xxl", device=None, max_length=77, freeze=True, cache_dir=None,
+                 tokenizer_dir=None):
         super().__init__()
         from transformers import T5EncoderModel, T5Tokenizer
 
-        folder = check_t5_folder(model_dir)
+        folder = check_t5_folder(model_dir, tokenizer_dir)
         try:
-            self.tokenizer = T5Tokenizer.from_pretrained(folder, local_files_only=True, cache_dir=cache_dir)
+            self.tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir or folder, local_files_only=True,
+                                                         cache_dir=cache_dir)
             self.transformer = T5EncoderModel.from_pretrained(folder, local_files_only=True, cache_dir=cache_dir)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load the T5 folder {folder!r}: {err}") from None
