@@ -167,9 +167,15 @@ def _init_sat_model_parallel(size: int) -> None:
 
 
 def data_parallel_rank_and_size() -> tuple[int, int]:
-    """This process's index among data-parallel ranks and their number (1, 0 without torch.distributed)."""
+    """This process's index among data-parallel ranks and their number ((0, 1) without torch.distributed);
+    with several processes per video (:mod:`sat_cogvideo.parallel`), the index of its video group."""
     if not dist.is_initialized():
         return 0, 1
+    from sat_cogvideo.parallel import data_parallel
+
+    video_groups = data_parallel()  # --sp-size / --cfg-parallel: the ranks of one video count once
+    if video_groups is not None:
+        return video_groups
     from sat import mpu
 
     if mpu.model_parallel_is_initialized():

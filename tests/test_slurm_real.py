@@ -184,3 +184,23 @@ def test_finetune_srun_then_requeued_torchrun(cluster):
     out = (work / "logs" / f"finetune-{job}.out").read_text()
     assert "--rdzv_backend=c10d" in out and f"resuming {work}/ckpts/{runs[0]} at iteration 2" in out
     assert open(work / "ckpts" / runs[0] / "latest").read().strip() == "4"
+
+
+@pytest.mark.slow  # reason: two SLURM jobs of the tiny model (one with 2 srun tasks), about 2 minutes
+def test_two_task_sequence_parallel_job_equals_one_task(cluster, tiny_sat_folder):
+    work = cluster["work"]
+    r1, one = submit(cluster, f"--export=ALL,{CPU},OUTPUT_PATH=outputs/sp1.mp4",
+                     script_args=("A red fox in the snow", tiny_sat_folder))
+    assert r1.returncode == 0, log(cluster, f"inference-{one}.err")[-3000:]
+    r2, two = submit(cluster, "--ntasks=2", "--ntasks-per-node=2", "--mem=2000M",
+                     f"--export=ALL,{CPU},OUTPUT_PATH=outputs/sp2.mp4,SP_SIZE=2",
+                     script_args=("A red fox in the snow", tiny_sat_folder))
+    err = log(cluster, f"inference-{two}.err")
+    assert r2.returncode == 0, err[-3000:]
+    assert job_state(cluster, two) == "COMPLETED"
+    out = log(cluster, f"inference-{two}.out")
+    assert "+ srun --kill-on-bad-exit=1" in out and "--sp-size 2" in out
+    assert err.count("wrote outputs/sp2.mp4") == 1  # one task of the video's group writes it
+    a, b = read_frames(work / "outputs" / "sp1.mp4"), read_frames(work / "outputs" / "sp2.mp4")
+    assert a.shape == b.shape == (9, 64, 96, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float32 reorderings may move a rounding
