@@ -10,6 +10,22 @@ Reported per configuration (medians over ``--repeats`` interleaved rounds): wall
 autograd saves for backward (exact, via ``saved_tensors_hooks``) and the peak RSS rise during the step (sampled).
 
     .venv/bin/python benchmarks/bench_train.py --sizes tiny mid --repeats 3
+
+``--cache``: a whole finetuning step (data item, VAE encode / cache read, T5 / cache read, DiT forward and
+backward, AdamW) of the engine on the fly vs on ``--cache-latents`` entries (sat_cogvideo.latent_cache), same
+weights, same process; step time, peak RSS rise during the step, and the engine's parameter bytes (the cached
+engine holds no VAE or T5).  tiny = the demo's CogVideoX-2B LoRA (9 frames 64x96); mid = a DiT of hidden 256 x 4
+layers with a VAE of ch 64, ch_mult [1,2,2,4], 2 res blocks, on 17 frames of 128x192.
+
+    .venv/bin/python benchmarks/bench_train.py --cache --sizes tiny mid --repeats 5
+
+``--zero``: full finetuning on 2 processes (torchrun, gloo) with DeepSpeed ZeRO-2, ZeRO-3 (configs/sft_zero3.yaml)
+and ZeRO-3 + CPU offload (configs/sft_zero3_offload.yaml), on cached latents; per rank: the bytes of the DiT's parameters,
+gradients and optimizer state held by that rank (counted from the live DeepSpeed objects) and the peak RSS of the
+process.  On a CPU-only machine "offloaded" state is in the same memory, so the RSS column cannot show offloading;
+the per-rank state bytes are what a GPU would hold (offloaded state counted apart).
+
+    .venv/bin/python benchmarks/bench_train.py --zero --sizes tiny mid
 """
 from __future__ import annotations
 
@@ -179,12 +195,18 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=list(SIZES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache", action="store_true", help="on-the-fly vs cached latents (see the module docstring)")
+    ap.add_argument("--zero", action="store_true", help="ZeRO-2 / ZeRO-3 / ZeRO-3 + offload memory per rank")
     args = ap.parse_args(argv)
+    if args.zero:
+        return zero_main(args.sizes)
     if args.threads:
         torch.set_num_threads(args.threads)
     from sat_cogvideo.distributed import init_distributed
 
     init_distributed(device="cpu")
+    if args.cache:
+        return cache_main(args.sizes, args.repeats)
     mib = 1024 ** 2
     print("| size | mode | ckpt | trainable params | wall ours / diffusers (s) | ratio | CPU ratio | "
           "saved activations ours / diffusers (MiB) | ratio | peak RSS rise ours / diffusers (MiB) |")
@@ -201,5 +223,210 @@ def main(argv=None):
                       flush=True)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# on the fly vs --cache-latents
+
+CACHE_SIZES = {  # overrides of the tiny demo configs
+    "tiny": "",
+    "mid": """model:
+  network_config:
+    params: {hidden_size: 256, num_layers: 4, num_attention_heads: 4, num_frames: 17, latent_height: 16,
+             latent_width: 24, modules: {lora_config: {params: {r: 32}}}}
+  first_stage_config:
+    params:
+      ckpt_path: VAE
+      encoder_config: {params: {ch: 64, ch_mult: [1, 2, 2, 4], num_res_blocks: 2}}
+      decoder_config: {params: {ch: 64, ch_mult: [1, 2, 2, 4], num_res_blocks: 2}}
+data:
+  params: {video_size: [128, 192], max_num_frames: 17}
+""",
+}
+
+
+def cache_setup(size: str, tmp: str):
+    """(args on the fly, args on the cache, cached dataset, pixel dataset) for ``size``, the cache filled."""
+    from omegaconf import OmegaConf
+
+    from sat_cogvideo import demo, latent_cache
+    from sat_cogvideo.arguments import get_args
+    from sat_cogvideo.data_video import SFTDataset
+    from sat_cogvideo.train_video import add_finetune_args
+
+    folder = demo.prepare_demo(os.path.join(tmp, "demo"))
+    data = os.path.join(tmp, f"data_{size}")
+    h, w, f = (128, 192, 40) if size == "mid" else (64, 96, 24)
+    demo.build_demo_dataset(data, height=h, width=w, frames=f)
+    override = os.path.join(tmp, f"{size}.yaml")
+    text = CACHE_SIZES[size]
+    if "VAE" in text:
+        mc = OmegaConf.merge(OmegaConf.load(os.path.join(ROOT, "configs", "tiny", "cogvideox_2b_lora.yaml")),
+                             OmegaConf.create(text.replace("VAE", "null"))).model
+        text = text.replace("VAE", demo.build_vae(os.path.join(tmp, "vae_mid"), mc))
+    with open(override, "w") as fh:
+        fh.write(text or "{}\n")
+    base = ["--base", os.path.join(ROOT, "configs", "tiny", "cogvideox_2b_lora.yaml"),
+            os.path.join(ROOT, "configs", "tiny", "sft.yaml"), override, "--train-data",
+            os.path.join(data, "dataset"), "--device", "cpu"]
+    live = get_args(base, extra=[add_finetune_args, latent_cache.add_cache_args])
+    cached = get_args(base + ["--cache-latents", os.path.join(tmp, f"cache_{size}")],
+                      extra=[add_finetune_args, latent_cache.add_cache_args])
+    params = OmegaConf.to_container(live.data_config.params, resolve=True)
+    latent_cache.prepare_cache(cached, SFTDataset, params)
+    assert folder
+    return live, cached, latent_cache.prepared_dataset(cached.train_data[0]), SFTDataset(
+        data_dir=live.train_data[0], **params)
+
+
+def cache_step(engine, opt, item_fn):
+    batch = torch.utils.data.default_collate([item_fn()])
+    loss, _ = engine.shared_step(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def cache_measure(size: str, repeats: int, tmp: str):
+    from sat_cogvideo.diffusion_video import SATVideoDiffusionEngine
+
+    live_args, cached_args, cached_ds, pixel_ds = cache_setup(size, tmp)
+    torch.manual_seed(0)
+    live = SATVideoDiffusionEngine(live_args).train()
+    on_cache = SATVideoDiffusionEngine(cached_args).train()
+    missing = on_cache.load_state_dict(live.state_dict(), strict=False)
+    assert not missing.missing_keys, missing.missing_keys  # same DiT weights
+    for e in (live, on_cache):
+        e.disable_untrainable_params()
+    runs = {"on the fly": (live, lambda: pixel_ds[0]), "cached": (on_cache, lambda: cached_ds[0])}
+    opts = {k: torch.optim.AdamW([p for p in e.parameters() if p.requires_grad], lr=1e-4) for k, (e, _) in runs.items()}
+    stats = {k: {"wall": [], "rss": []} for k in runs}
+    for name, (engine, item) in runs.items():
+        cache_step(engine, opts[name], item)  # warm-up
+    for _ in range(repeats):
+        for name, (engine, item) in runs.items():
+            t0 = time.perf_counter()
+            with RssPeak() as peak:
+                cache_step(engine, opts[name], item)
+            stats[name]["wall"].append(time.perf_counter() - t0)
+            stats[name]["rss"].append(peak.rise)
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    weights = {k: sum(t.numel() * t.element_size() for t in e.state_dict().values()) for k, (e, _) in runs.items()}
+    return {k: dict(wall=med(v["wall"]), rss=med(v["rss"]), weights=weights[k]) for k, v in stats.items()}
+
+
+def cache_main(sizes, repeats):
+    import tempfile
+
+    mib = 1024 ** 2
+    print("| size | step on the fly / cached (s) | ratio | peak RSS rise on the fly / cached (MiB) | "
+          "engine weights on the fly / cached (MiB) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            r = cache_measure(size, repeats, tmp)
+            a, b = r["on the fly"], r["cached"]
+            print(f"| {size} | {a['wall']:.3f} / {b['wall']:.3f} | {b['wall'] / a['wall']:.2f} | "
+                  f"{a['rss'] / mib:.1f} / {b['rss'] / mib:.1f} | {a['weights'] / mib:.2f} / "
+                  f"{b['weights'] / mib:.2f} |", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ZeRO stages: memory per rank
+
+ZERO_CONFIGS = {"ZeRO-2": None, "ZeRO-3": "sft_zero3.yaml", "ZeRO-3 + offload": "sft_zero3_offload.yaml"}
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _state_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _state_tensors(v)
+
+
+def zero_worker(argv):
+    """Runs under torchrun: train, then print this rank's state bytes and peak RSS as one JSON line."""
+    import json
+    import resource
+
+    from sat_cogvideo import train_video
+
+    engine = train_video.run(argv)
+    dit = list(engine.module.model.parameters())
+    params = _bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in dit)
+    opt = engine.optimizer
+    base = opt.optimizer if hasattr(opt, "optimizer") else opt
+    opt_bytes = _bytes(_state_tensors(list(base.state.values())))  # moments and EMA shadow of this rank's part
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        opt_bytes += _bytes(getattr(opt, name, []) or [])
+    zero = engine.zero_optimization_stage()
+    cfg = engine.config if isinstance(engine.config, dict) else {}
+    offload = bool(getattr(engine, "zero_cpu_offload", lambda: False)())
+    print("ZERO_STATS " + json.dumps({"rank": torch.distributed.get_rank(), "stage": zero, "offload": offload,
+                                      "params": params, "optimizer": opt_bytes, "cfg": bool(cfg),
+                                      "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+          flush=True)
+
+
+def zero_run(size: str, config, tmp: str):
+    import json
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    live, cached, _, _ = cache_setup(size, tmp)  # fills the cache (in this process) and writes the override
+    sizes = OmegaConf.load(os.path.join(tmp, f"{size}.yaml"))
+    modules = OmegaConf.select(sizes, "model.network_config.params.modules")
+    if modules is not None and "lora_config" in modules:
+        del modules["lora_config"]  # full finetuning: the size override without the LoRA rank
+    override = os.path.join(tmp, f"{size}_zero.yaml")
+    OmegaConf.save(sizes, override)
+    full = os.path.join(tmp, f"{size}_full.yaml")
+    OmegaConf.save(OmegaConf.create({"args": {"load": None, "mode": "pretrain"}}), full)  # random DiT weights
+    argv = ["--base", os.path.join(ROOT, "configs", "tiny", "cogvideox_2b.yaml"),  # full finetuning
+            os.path.join(ROOT, "configs", "tiny", "sft.yaml"), override, full]
+    if config:
+        argv.append(os.path.join(ROOT, "configs", config))
+    argv += ["--train-data", cached.train_data[0], "--cache-latents", cached.cache_latents, "--train-iters", "2",
+             "--save-interval", "100", "--save", os.path.join(tmp, "ckpt"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.abspath(__file__), "--zero-worker", *argv], env=env, capture_output=True,
+                         text=True, cwd=tmp)
+    stats = [json.loads(line.split("ZERO_STATS ", 1)[1]) for line in out.stdout.splitlines() if "ZERO_STATS" in line]
+    if out.returncode or len(stats) != 2:
+        raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])
+    return sorted(stats, key=lambda r: r["rank"])
+
+
+def zero_main(sizes):
+    import tempfile
+
+    mib = 1024 ** 2
+    print("| size | config | per rank: DiT params / fp32 master + optimizer state (MiB) | of these on the GPU (MiB) | "
+          "peak RSS rank 0 / 1 (MiB) |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            for name, config in ZERO_CONFIGS.items():
+                r = zero_run(size, config, tmp)
+                s0 = r[0]
+                gpu = 0 if s0["offload"] else s0["params"] + s0["optimizer"]
+                print(f"| {size} | {name} | {s0['params'] / mib:.2f} / {s0['optimizer'] / mib:.2f} | "
+                      f"{gpu / mib:.2f} | {r[0]['maxrss'] / mib:.0f} / "
+                      f"{r[1]['maxrss'] / mib:.0f} |", flush=True)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--zero-worker":
+        zero_worker(sys.argv[2:])
+        sys.exit(0)
     main()

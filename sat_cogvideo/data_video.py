@@ -380,5 +380,12 @@ class SFTDataset(Dataset):
 
     @classmethod
     def create_dataset_function(cls, path, args, **kwargs):
-        """SAT's dataset factory: ``create_dataset_function(path, args)`` -> ``SFTDataset(data_dir=path, ...)``."""
+        """SAT's dataset factory: ``create_dataset_function(path, args)`` -> ``SFTDataset(data_dir=path, ...)``, or
+        with ``--cache-latents`` the dataset on the cache that :func:`sat_cogvideo.latent_cache.prepare_cache` made."""
+        if getattr(args, "cache_latents", None):
+            from sat_cogvideo.latent_cache import prepared_dataset
+
+            cached = prepared_dataset(path)
+            if cached is not None:
+                return cached
         return cls(data_dir=path, **kwargs)

@@ -28,6 +28,13 @@ SAT's loop runs unchanged; a few of its module-level functions are replaced whil
   events land in ``<run>/runs/<experiment>/`` (``print_args`` runs just before the summary writer is made).
 * ``datetime``: every rank uses rank 0's clock for the run-folder name (ranks crossing a minute boundary would
   otherwise write one checkpoint into two folders).
+* ``train_step``: after each step, the loss curve and the validation videos (:mod:`sat_cogvideo.validation`).
+* ``get_model``: under ZeRO-3 the engine is built whole and partitioned by ``deepspeed.initialize`` (SAT's
+  ``deepspeed.zero.Init`` path cannot build its own parallel linear layers); the frozen VAE/T5 stay outside ZeRO,
+  and checkpoints gather the DiT (:func:`_zero3_checkpoint_state_dict`).
+
+Scale options (docs/finetune.md): ``--cache-latents DIR`` (:mod:`sat_cogvideo.latent_cache`), ``--validation-prompts``
+(:mod:`sat_cogvideo.validation`), ``--save-ema`` (:mod:`sat_cogvideo.ema`), ``configs/sft_zero3*.yaml``.
 
 What a run knows beyond SAT's ``args`` (the resumed run, its pending RNG states, the iterations saved so far, whether
 ``training_config.yaml`` was written) is one :class:`RunState`, made in :func:`run` and handed to these pieces.
@@ -71,13 +78,16 @@ class RunState:
     ``resume``: the resumed run's information (:func:`find_run`), or None for a new run; ``pending_rng``: the saved
     RNG states, applied at the first training step (after SAT has seeded everything); ``saved_iterations``: the
     iterations this run has saved (SAT's final save repeats the last periodic one); ``training_config_written``:
-    whether ``<save>/training_config.yaml`` has been dealt with.
+    whether ``<save>/training_config.yaml`` has been dealt with; ``validator``/``curve``: validation videos and the
+    loss curve (:mod:`sat_cogvideo.validation`).
     """
 
     resume: Optional[dict] = None
     pending_rng: Optional[dict] = None
     saved_iterations: Set[str] = field(default_factory=set)
     training_config_written: bool = False
+    validator: Any = None  # sat_cogvideo.validation.Validator with --validation-prompts
+    curve: Any = None  # sat_cogvideo.validation.LossCurve, made at the first step (rank 0)
 
 
 # ============================================================================================================
@@ -316,8 +326,8 @@ def log_video(batch, model, args, only_log_video_latents=False) -> None:
         return
     fps = int(batch["fps"][0]) if isinstance(batch.get("fps"), torch.Tensor) else 8
     for key, value in videos.items():
-        if not isinstance(value, torch.Tensor):
-            continue
+        if not isinstance(value, torch.Tensor) or (key == "inputs" and "txt_emb" in batch):
+            continue  # a cached batch's inputs are VAE moments, not pixels
         value = ((value.float().clamp(-1.0, 1.0) + 1.0) / 2.0).cpu()
         for i, video in enumerate(value):
             write_video(os.path.join(root, f"{key}_gs-{step:06d}", f"{i:06d}.mp4"), video, fps=fps)
@@ -410,10 +420,15 @@ def save_checkpoint(iteration, model, optimizer, lr_scheduler, args, state: Opti
     model.save_checkpoint(args.save, tag=tmp_tag, client_state=client, save_latest=False,
                           exclude_frozen_parameters=True)
     torch.save(_rng_state(), os.path.join(tmp_dir, f"rng_state_rank{dist.get_rank():02d}.pt"))
+    if getattr(args, "save_ema", False):  # every rank: the EMA shadow is gathered across ZeRO partitions
+        from sat_cogvideo.ema import save_ema
+
+        save_ema(int(iteration), model, model.module_state_dict(), args.save)
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(tmp_dir, RESUME_MARKER), "w") as f:
             json.dump(resume, f, indent=1)
+        _sat_model_states_name(tmp_dir)
         if os.path.exists(final_dir):  # a re-save of the same iteration: replace it
             old = os.path.join(args.save, f".old-{tag}")
             shutil.rmtree(old, ignore_errors=True)
@@ -427,6 +442,20 @@ def save_checkpoint(iteration, model, optimizer, lr_scheduler, args, state: Opti
                           json.dumps({"model_class": "SATVideoDiffusionEngine"}, indent=4))
         print(f"saved checkpoint {final_dir}", flush=True)
     dist.barrier()
+
+
+def _sat_model_states_name(folder: str) -> None:
+    """ZeRO-3 names the model states ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` (one per rank; rank 0's holds
+    the gathered DiT) where SAT, our loaders and the export tools read ``mp_rank_00_model_states.pt``: link (or copy)
+    rank 0's file to that name; DeepSpeed's resume keeps reading its own names."""
+    sat_name = os.path.join(folder, "mp_rank_00_model_states.pt")
+    zero_name = os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    if os.path.exists(sat_name) or not os.path.exists(zero_name):
+        return
+    try:
+        os.link(zero_name, sat_name)
+    except OSError:
+        shutil.copyfile(zero_name, sat_name)
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -470,6 +499,9 @@ def load_checkpoint(model, args, load_path=None, prefix="", state: Optional[RunS
     from sat_cogvideo.checkpoint import checkpoint_file
 
     resume = state.resume if state is not None else None
+    if getattr(args, "model_source", None) is not None and resume is None and load_path is None:
+        args.model_source.load_into(model)  # a diffusers pipeline: DiT and VAE streamed from its files
+        return 0
     path = load_path or args.load
     file = str(checkpoint_file(path))
     checkpoint = _read_checkpoint(file)
@@ -639,7 +671,9 @@ def _setup_model_and_optimizer(args, model, config_params=None, state: Optional[
     if not param_groups:
         raise UserError("no trainable parameters: model.not_trainable_prefixes freezes everything and the model "
                         "config has no lora_config")
-    if not check_if_zero3(args):
+    if check_if_zero3(args):
+        _keep_encoders_whole(model)
+    else:
         for group in param_groups:
             for param in group["params"]:
                 if not param.model_parallel:
@@ -658,11 +692,30 @@ def _setup_model_and_optimizer(args, model, config_params=None, state: Optional[
     engine.checkpoint_engine.load = _safe_deepspeed_load
     resume = state.resume if state is not None else None
     if resume is not None:
+        # ZeRO-3: the DiT is already loaded (whole, before partitioning, by load_checkpoint) and its partitions
+        # come from the fp32 optimizer state; DeepSpeed would load the gathered states into partitioned tensors
+        skip_module = (lambda src, dst: None) if check_if_zero3(args) else None
         load_path, _ = engine.load_checkpoint(resume["run_dir"], tag=resume["tag"], load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+                                              load_optimizer_states=True, load_lr_scheduler_states=False,
+                                              custom_load_fn=skip_module)
         if load_path is None:
             raise UserError(f"cannot load the optimizer state of {_resume_files(resume)}")
     return engine, optimizer
+
+
+def _keep_encoders_whole(engine: torch.nn.Module) -> None:
+    """ZeRO-3 partitions every parameter of the module it is given; the frozen VAE reads its convolution weights
+    outside their modules' ``forward`` (where ZeRO-3 would gather them) and neither encoder is trained, so both
+    leave the module tree before ``deepspeed.initialize``: plain attributes, whole on every rank (as the other
+    trainers keep them), still on the engine's device.  The checkpoints never held them."""
+    holders = [(engine, "first_stage_model")]
+    for embedder in getattr(engine.conditioner, "embedders", []):
+        holders += [(embedder, name) for name, sub in embedder.named_children()
+                    if not any(p.requires_grad for p in sub.parameters())]
+    for owner, name in holders:
+        module = owner._modules.pop(name, None)
+        if module is not None:
+            owner.__dict__[name] = module
 
 
 def _safe_deepspeed_load(path, map_location=None):
@@ -672,9 +725,29 @@ def _safe_deepspeed_load(path, map_location=None):
 
 def _module_state_dict_for(engine):
     def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        if engine.zero_optimization_partition_weights():  # ZeRO-3: every rank takes part in the gathers
+            return _zero3_checkpoint_state_dict(engine.module)
         return checkpoint_state_dict(engine.module)
 
     return module_state_dict
+
+
+def _zero3_checkpoint_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """:func:`checkpoint_state_dict` of a module whose parameters ZeRO-3 has partitioned: each parameter gathered
+    in turn on every rank (one at a time, so no rank holds more than one full tensor beyond the result) and kept,
+    on the CPU, on rank 0 (the rank that writes the model states).  DeepSpeed's own
+    ``stage3_gather_16bit_weights_on_model_save`` would gather the frozen VAE and T5 too."""
+    import deepspeed
+
+    sd = checkpoint_state_dict(module)
+    rank0 = torch.distributed.get_rank() == 0
+    for name, param in module.named_parameters():
+        if name not in sd or not hasattr(param, "ds_id"):
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank0:
+                sd[name] = param.data.detach().to("cpu", copy=True)
+    return sd
 
 
 def _make_loaders_for(original, state: RunState):
@@ -709,6 +782,34 @@ def _train_for(original, state: RunState):
     return train
 
 
+def _train_step_for(original, state: RunState):
+    def train_step(data_iterator, model, optimizer, lr_scheduler, args, timers, hooks=None, **kwargs):
+        from sat_cogvideo.validation import after_train_step
+
+        out = original(data_iterator, model, optimizer, lr_scheduler, args, timers, hooks=hooks, **kwargs)
+        after_train_step(state, model, args, out[0])
+        return out
+
+    return train_step
+
+
+def _get_model_for(original):
+    def get_model(args, model_cls, **kwargs):
+        """SAT's ``get_model`` without ``deepspeed.zero.Init`` under ZeRO-3: that path cannot build SAT's own
+        parallel linear layers (``ColumnParallelLinear`` gets ``module`` twice), and the base checkpoint loads
+        strictly into a whole model; ``deepspeed.initialize`` partitions it afterwards."""
+        import sat.helpers
+
+        saved = sat.helpers.check_if_zero3
+        sat.helpers.check_if_zero3 = lambda _args: False
+        try:
+            return original(args, model_cls, **kwargs)
+        finally:
+            sat.helpers.check_if_zero3 = saved
+
+    return get_model
+
+
 def _print_args_for(original):
     def print_args(args):
         if not args.summary_dir and args.save:
@@ -730,6 +831,8 @@ def patched_sat_loop(state: RunState):
         "setup_model_untrainable_params_and_optimizer": partial(_setup_model_and_optimizer, state=state),
         "make_loaders": _make_loaders_for(dst.make_loaders, state),
         "train": _train_for(dst.train, state),
+        "train_step": _train_step_for(dst.train_step, state),
+        "get_model": _get_model_for(dst.get_model),
         "Timers": _CpuSafeTimers,
         "report_memory": _report_memory,
         "print_args": _print_args_for(dst.print_args),
@@ -796,10 +899,18 @@ def run(argv=None):
     from sat_cogvideo.arguments import get_args, initialize
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = get_args(argv, extra=[add_finetune_args])
+    from sat_cogvideo.latent_cache import add_cache_args
+    from sat_cogvideo.ema import add_ema_args
+    from sat_cogvideo.validation import Validator, add_validation_args
+
+    args = get_args(argv, extra=[add_finetune_args, add_cache_args, add_validation_args, add_ema_args])
+    from sat_cogvideo.convert.diffusers_source import use_pipeline_load
+
+    use_pipeline_load(args)  # --load <diffusers folder or Hub id>: T5/VAE from it, DiT+VAE in load_checkpoint
     check_args(args)
+    validator = Validator(args) if args.validation_prompts else None  # prompt-file errors before any weight
     initialize(args)
-    state = RunState(resume=resolve_resume(args))
+    state = RunState(resume=resolve_resume(args), validator=validator)
     info = state.resume
     if info is not None and info["iteration"] >= args.train_iters:
         print(f"{info['run_dir']} already reached iteration {info['iteration']} (train_iters {args.train_iters}); "
@@ -822,6 +933,10 @@ def run(argv=None):
     data_class = get_obj_from_str(args.data_config["target"], where="data.target")
     params = args.data_config.get("params") or {}
     params = OmegaConf.to_container(params, resolve=True) if OmegaConf.is_config(params) else dict(params)
+    if args.cache_latents:  # encode what is missing, then train on the cache (sat_cogvideo.latent_cache)
+        from sat_cogvideo.latent_cache import prepare_cache
+
+        prepare_cache(args, data_class, params)
     create_dataset_function = partial(data_class.create_dataset_function, **params)
     args.log_config = [OmegaConf.to_container(args.config, resolve=True)]
     with trusting(args.trust_pickle), patched_sat_loop(state) as dst:

@@ -17,6 +17,10 @@
 #   sbatch scripts/slurm_finetune.sh                                  # 2 nodes x 8 GPUs, one task per GPU (srun)
 #   sbatch --export=ALL,CONFIGS="configs/cogvideox_2b_lora.yaml configs/sft.yaml" scripts/slurm_finetune.sh
 #   sbatch --nodes=4 --ntasks-per-node=1 --export=ALL,LAUNCHER=torchrun scripts/slurm_finetune.sh  # torchrun per node
+#   full SFT of 5B / 1.5 with ZeRO-3 on cached latents (the cache folder on a shared file system; each rank encodes
+#   every N-th missing video once, later runs and requeues read it):
+#   sbatch --export=ALL,CONFIGS="configs/cogvideox_5b.yaml configs/sft.yaml configs/sft_zero3.yaml",\
+#   EXTRA_ARGS="--cache-latents /shared/cache/disney" scripts/slurm_finetune.sh
 #
 # Two ways to start the processes; both take the rendezvous from SLURM's environment:
 #   LAUNCHER=srun (default): one SLURM task per GPU (--ntasks-per-node = GPUs per node).  Each task gets
