@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CogVideoX SAT finetuning (LoRA or full SFT) through SwissArmyTransformer's training loop and DeepSpeed.
-#   bash finetune.sh                  demo: builds (once, cached) a tiny random-weight CogVideoX-2B and a generated
-#                                     2-video dataset, then runs a few LoRA iterations on the CPU and saves a
-#                                     checkpoint under outputs/tiny_ckpts/
+#   bash finetune.sh                  demo: LoRA on the trained demo model (demo_model/) with generated clips of a
+#                                     colour it has never seen (cyan), on the CPU (a few minutes); saves the run under
+#                                     outputs/demo_lora/ and writes before/after previews (outputs/demo_lora_*.png)
 #   bash finetune.sh ARGS...          python -m sat_cogvideo.train_video ARGS..., e.g.
 #       bash finetune.sh --base configs/cogvideox_2b_lora.yaml configs/sft.yaml     (LoRA)
 #       bash finetune.sh --base configs/cogvideox_2b.yaml configs/sft.yaml          (full finetuning)
@@ -30,9 +30,11 @@ esac
 
 if [ "${#ARGS[@]}" -eq 0 ]; then
   export SAT_COGVIDEO_DEMO="${SAT_COGVIDEO_DEMO:-${SAT_COGVIDEO_CACHE:-$HOME/.cache/sat-cogvideo}/demo}"
-  echo ">> demo: tiny random-weight CogVideoX-2B + a generated 2-video dataset in $SAT_COGVIDEO_DEMO" >&2
-  [ -n "${FINETUNE_DRY_RUN:-}" ] || "$PY" -m sat_cogvideo.train_video --prepare-demo "$SAT_COGVIDEO_DEMO" >/dev/null
-  ARGS=(--base "$HERE/configs/tiny/cogvideox_2b_lora.yaml" "$HERE/configs/tiny/sft.yaml" --device cpu)
+  export SAT_COGVIDEO_DEMO_MODEL="${SAT_COGVIDEO_DEMO_MODEL:-$HERE/demo_model}"
+  echo ">> demo: LoRA on the trained demo model ($SAT_COGVIDEO_DEMO_MODEL) with clips of a new colour (cyan)" >&2
+  [ -n "${FINETUNE_DRY_RUN:-}" ] || "$PY" -m sat_cogvideo.demo --prepare-finetune >/dev/null
+  ARGS=(--base "$SAT_COGVIDEO_DEMO_MODEL/cogvideox_5b_lora.yaml" "$HERE/configs/tiny/sft_demo_lora.yaml" --device cpu
+        ${FINETUNE_DEMO_ITERS:+--train-iters "$FINETUNE_DEMO_ITERS"})
   DEMO=1
 fi
 
@@ -48,13 +50,17 @@ fi
 "${CMD[@]}"
 
 if [ -n "${DEMO:-}" ]; then
+  "$PY" -m sat_cogvideo.demo --compare-lora auto
   cat >&2 <<'EOF'
->> demo done: the checkpoint above (outputs/tiny_ckpts/tiny-lora-*/) holds the DiT with its LoRA, the optimizer
-   state and the RNG state. The model has RANDOM weights; the run shows the whole finetuning path works here.
-   Continue it:      bash finetune.sh --base configs/tiny/cogvideox_2b_lora.yaml configs/tiny/sft.yaml --resume \
-                         --train-iters 8
-   Export the LoRA:  python tools/export_sat_lora_weight.py --sat_pt_path outputs/tiny_ckpts/<run> \
-                         --lora_save_directory outputs/tiny_lora
+>> demo done: the run above (outputs/demo_lora/demo-lora-*/) holds the DiT with its LoRA, the optimizer state and
+   the RNG state; outputs/demo_lora_before_after.png shows the prompts with the new colour before and after.
+   Generate with it: bash inference.sh --base demo_model/cogvideox_5b.yaml demo_model/inference.yaml \
+                         --load demo_model/cogvideox_5b/transformer --lora-path outputs/demo_lora/<run> \
+                         --prompt "a cyan square moving to the left" --output-path cyan.mp4 --preview
+   Continue it:      bash finetune.sh --base demo_model/cogvideox_5b_lora.yaml configs/tiny/sft_demo_lora.yaml \
+                         --resume --train-iters 120
+   Export the LoRA:  python tools/export_sat_lora_weight.py --sat_pt_path outputs/demo_lora/<run> \
+                         --lora_save_directory outputs/demo_lora_hf
    Real finetuning:  set load/train_data/save in configs/sft.yaml, then
                      bash finetune.sh --base configs/cogvideox_2b_lora.yaml configs/sft.yaml
 EOF

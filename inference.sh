@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CogVideoX SAT inference.
-#   bash inference.sh                 demo: builds (once, cached) a tiny random-weight model in the real on-disk
-#                                     formats and generates one text-to-video mp4 on the CPU (the video is noise)
+#   bash inference.sh                 demo: the trained tiny model of demo_model/ draws "a red circle moving to the
+#                                     right" (outputs/demo.mp4 + demo.png, a strip of its frames) on the CPU;
+#                                     python -m sat_cogvideo.demo --help: other prompts, the random-weight models
 #   bash inference.sh ARGS...         python -m sat_cogvideo.sample_video ARGS..., e.g.
 #       bash inference.sh --base configs/cogvideox_5b.yaml configs/inference.yaml \
 #            --load /ckpts/CogVideoX-5b-sat/transformer --prompt "A cat ..." --output-path out.mp4

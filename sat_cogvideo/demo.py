@@ -20,9 +20,13 @@ Weights are random (seeded), so the generated video is noise: the demo exercises
 the finetuning demo (``bash finetune.sh`` without arguments, through ``python -m sat_cogvideo.train_video
 --prepare-demo DIR``).
 
-``python -m sat_cogvideo.demo`` (``bash inference.sh`` without arguments) builds the folder if needed and
-runs text-to-video on one prompt; ``--model cogvideox_5b_i2v`` / ``cogvideox1.5_5b_i2v`` run image-to-video
-from the demo's own first-frame image.
+``python -m sat_cogvideo.demo`` (``bash inference.sh`` without arguments) runs the TRAINED demo model of
+``demo_model/`` (a tiny CogVideoX-5B-style model trained by ``tools/train_demo_model.py`` on the synthetic clips
+of :mod:`sat_cogvideo.demo_world`, see ``demo_model/README.md``): text-to-video on a prompt such as "a red circle
+moving to the right", an mp4 and a PNG strip of its frames, and a summary of what was asked and what the video
+shows.  ``--model cogvideox_5b`` (any of :data:`DEMO_MODELS`) builds the folder of random-weight models if needed
+and runs it instead; ``--model cogvideox_5b_i2v`` / ``cogvideox1.5_5b_i2v`` run image-to-video from the demo's own
+first-frame image.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ from typing import Dict, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODELS = ("cogvideox_5b", "cogvideox_2b", "cogvideox_5b_i2v", "cogvideox1.5_5b", "cogvideox1.5_5b_i2v")
 DEFAULT_MODEL = "cogvideox_5b"
+TRAINED = "demo"  # --model value of the trained demo model (demo_model/cogvideox_5b)
+TRAINED_PROMPT = "a red circle moving to the right"
+TRAINED_ENV = "SAT_COGVIDEO_DEMO_MODEL"
 DEMO_PROMPT = "A panda, dressed in a small red jacket and a tiny hat, sits on a wooden stool in a bamboo forest."
 
 
@@ -243,6 +250,99 @@ def demo_argv(paths: Dict[str, str], model: str, output: str, prompt: str = DEMO
     return argv + list(extra)
 
 
+def trained_model_dir() -> str:
+    """The trained demo model's folder: ``$SAT_COGVIDEO_DEMO_MODEL``, else ``<repository>/demo_model`` (exported, so
+    its configs find their T5 and VAE through ``${oc.env:SAT_COGVIDEO_DEMO_MODEL}``)."""
+    folder = os.path.abspath(os.environ.get(TRAINED_ENV) or os.path.join(ROOT, "demo_model"))
+    os.environ[TRAINED_ENV] = folder
+    return folder
+
+
+def trained_argv(prompt: str, output: str, steps: int = 10, seed: int = 42, model: str = "cogvideox_5b",
+                 extra=()) -> list:
+    """``sample_video`` arguments for text-to-video with the trained demo model (``--preview`` on)."""
+    folder = trained_model_dir()
+    return ["--base", os.path.join(folder, f"{model}.yaml"), os.path.join(folder, "inference.yaml"),
+            "--load", os.path.join(folder, model, "transformer"), "--prompt", prompt, "--output-path", output,
+            "--num-steps", str(steps), "--device", "cpu", "--seed", str(seed), "--preview"] + list(extra)
+
+
+def run_trained(prompt: str, output: str, steps: int, rest) -> int:
+    """Generate ``prompt`` with the trained demo model; print what was asked and what the video shows."""
+    from sat_cogvideo import demo_world, media, sample_video
+
+    folder = trained_model_dir()
+    if not os.path.isfile(os.path.join(folder, "cogvideox_5b", "transformer", "latest")):
+        from sat_cogvideo.errors import UserError
+
+        raise UserError(f"no trained demo model in {folder}: run python tools/train_demo_model.py --output {folder}")
+    run_argv = trained_argv(prompt, output, steps=steps, extra=["--overwrite"] + list(rest))
+    print(">> sample_video " + " ".join(run_argv), file=sys.stderr, flush=True)
+    sample_video.main(run_argv)
+    video, _ = media.read_video(output)
+    seen = demo_world.describe(video)
+    shows = (f"a {seen['color']} shape moving {seen['direction']}" if seen["direction"] else
+             f"a {seen['color']} shape, not clearly moving" if seen["color"] else "no shape")
+    print(f"\nasked:   {prompt!r}  (tiny CogVideoX-5B-style model trained on synthetic clips: {folder})")
+    print(f"shows:   {shows}  (dominant colour and centroid motion, measured on the video)")
+    print(f"wrote    {output}\n         {os.path.splitext(output)[0]}.png  (its frames side by side)")
+    print("try:     python -m sat_cogvideo.demo --prompt 'a yellow square moving up'   (colours: "
+          f"{', '.join(demo_world.COLORS)}; circle/square; left/right/up/down)")
+    return 0
+
+
+LORA_PROMPTS = ("a cyan circle moving to the right", "a cyan square moving up")
+
+
+def prepare_finetune(folder: Optional[str] = None, clips: int = 3, seed: int = 0) -> str:
+    """The finetuning demo's dataset ``<demo folder>/lora_dataset``: clips of the colour the trained model has never
+    seen (:data:`sat_cogvideo.demo_world.NEW_COLOR`), every shape and direction; returns its path."""
+    from sat_cogvideo import demo_world as world
+
+    combos = world.combinations([world.NEW_COLOR[0]])
+    return world.write_dataset(os.path.join(demo_dir(folder), "lora_dataset"), combos, clips, seed)
+
+
+def newest_run(save: str = os.path.join("outputs", "demo_lora"), prefix: str = "demo-lora-") -> str:
+    from sat_cogvideo.errors import UserError
+
+    runs = sorted((os.path.join(save, d) for d in os.listdir(save) if d.startswith(prefix)) if os.path.isdir(save)
+                  else [], key=os.path.getmtime)
+    if not runs:
+        raise UserError(f"no finetuning run {save}/{prefix}*: run bash finetune.sh first")
+    return runs[-1]
+
+
+def compare_lora(run: str, output_dir: str = "outputs", steps: int = 10) -> list:
+    """Generate :data:`LORA_PROMPTS` with the trained model before and after merging the LoRA ``run``; write the
+    mp4s, their previews and ``demo_lora_before_after.png`` (before above after); print what each video shows.
+    Returns ``[(prompt, before description, after description)]``."""
+    import numpy as np
+    from PIL import Image
+
+    from sat_cogvideo import demo_world as world, media, sample_video
+    from sat_cogvideo.atomic import atomic_path
+
+    rows, results = [], []
+    for i, prompt in enumerate(LORA_PROMPTS):
+        seen = {}
+        for when, extra in (("before", []), ("after", ["--lora-path", run])):
+            out = os.path.join(output_dir, f"demo_lora_{when}_{i}.mp4")
+            sample_video.main(trained_argv(prompt, out, steps=steps, extra=["--overwrite"] + extra))
+            video = media.read_video(out)[0]
+            seen[when] = world.describe(video)
+            rows.append(media.preview_strip(video))
+            print(f"{when:>6} LoRA: asked {prompt!r}, shows a {seen[when]['color']} shape moving "
+                  f"{seen[when]['direction']}  ({out})", flush=True)
+        results.append((prompt, seen["before"], seen["after"]))
+    grid = np.concatenate([np.concatenate(rows[0::2], axis=0), np.concatenate(rows[1::2], axis=0)], axis=0)
+    path = os.path.join(output_dir, "demo_lora_before_after.png")
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(tmp, format="PNG")
+    print(f"wrote {path} (rows: before, before, after, after)", flush=True)
+    return results
+
+
 NOTICE = """\
 The demo model has RANDOM weights: the video above is noise. It shows that the whole inference path
 (config, SAT checkpoint, T5, sampler, VAE, mp4) works on this machine.
@@ -255,15 +355,31 @@ folder), set in configs/<model>.yaml  model_dir: <t5 folder>  and  ckpt_path: <.
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="sat-cogvideo demo: a tiny random-weight model, text-to-video "
+    parser = argparse.ArgumentParser(description="sat-cogvideo demo: the trained tiny model of demo_model/ "
+                                                 "(text-to-video), or a tiny random-weight model of each family "
                                                  "(image-to-video from a drawn first frame for the I2V models)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=DEMO_MODELS)
+    parser.add_argument("--model", default=TRAINED, choices=(TRAINED,) + DEMO_MODELS,
+                        help="demo: the trained model of demo_model/; the others: random-weight tiny models")
     parser.add_argument("--folder", default=None, help="cache folder (default ~/.cache/sat-cogvideo/demo)")
     parser.add_argument("--output-path", default=None, help="default: outputs/demo_<model>.mp4")
-    parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--prompt", default=None, help=f"default: {TRAINED_PROMPT!r} (trained), else a panda")
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--rebuild", action="store_true", help="delete the cached tiny model and build it again")
+    parser.add_argument("--prepare-finetune", action="store_true", help="write the LoRA demo's dataset and exit")
+    parser.add_argument("--compare-lora", metavar="RUN", default=None,
+                        help="before/after previews of a LoRA run (auto: the newest outputs/demo_lora/demo-lora-*)")
     args, rest = parser.parse_known_args(argv)
+    if args.prepare_finetune:
+        print(prepare_finetune(args.folder))
+        return 0
+    if args.compare_lora:
+        trained_model_dir()
+        compare_lora(newest_run() if args.compare_lora == "auto" else args.compare_lora)
+        return 0
+    if args.model == TRAINED:
+        return run_trained(args.prompt or TRAINED_PROMPT, args.output_path or os.path.join("outputs", "demo.mp4"),
+                           args.num_steps, rest)
+    args.prompt = args.prompt or DEMO_PROMPT
     folder = demo_dir(args.folder)
     if args.rebuild and os.path.isdir(folder):
         shutil.rmtree(folder)
@@ -281,4 +397,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sat_cogvideo.errors import run_cli
+
+    sys.exit(run_cli(main)())

@@ -46,7 +46,7 @@ def test_folder_default_and_rebuild(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("SAT_COGVIDEO_DEMO", raising=False)
     monkeypatch.setenv("SAT_COGVIDEO_CACHE", str(tmp_path / "cache"))
     default = tmp_path / "cache" / "demo"
-    argv = ["--num-steps", "1", "--output-path", str(tmp_path / "v.mp4")]
+    argv = ["--model", "cogvideox_5b", "--num-steps", "1", "--output-path", str(tmp_path / "v.mp4")]
     assert demo.main(argv) == 0
     assert f"tiny model in {default}" in capsys.readouterr().err
     ckpt = default / "cogvideox_5b" / "transformer" / "latest"

@@ -1,0 +1,470 @@
+#!/usr/bin/env python
+"""Train the demo model: a tiny CogVideoX that has learned a small visual world (sat_cogvideo/demo_world.py).
+
+    python tools/train_demo_model.py --output demo_model            # the committed model (seed 0)
+
+Steps, all seeded from ``--seed``:
+
+1. data: ``--clips`` clips per training combination of colour x shape x direction (the held-out combinations and
+   the new colour are never shown), written as a finetuning dataset ``<work>/dataset/{labels,videos}``;
+2. VAE: the tiny 3D causal VAE of ``vae_modules`` (the real encoder/decoder classes) trained on clips of every
+   colour (the generic codec) on reconstruction (L1 + MSE) plus a small KL term, written as ``<output>/vae/3d-vae.pt`` (``{"state_dict": ...}``); the latent
+   scale factor of the model configs is 1 / (the latents' standard deviation), as CogVideoX's 0.7;
+3. T5: the frozen tiny T5 folder (random weights, ``sat_cogvideo.tiny_t5``) at ``<output>/t5``, its tokenizer
+   trained on the demo's captions;
+4. DiTs: each model of ``--models`` trained from scratch by ``python -m sat_cogvideo.train_video`` (full SFT, SAT's
+   loop, DeepSpeed, ``mode: pretrain`` without ``load``), then its last ``mp_rank_00_model_states.pt`` copied to
+   ``<output>/<model>/transformer/<iter>/`` with ``latest``; the model config is ``<output>/<model>.yaml``;
+5. ``<output>/training.json``: the loss curves and timings (the README's table comes from it).
+
+Ours: the original has no demo model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from sat_cogvideo import demo_world as world  # noqa: E402
+
+ENV_VAR = "SAT_COGVIDEO_DEMO_MODEL"
+MODELS = {  # name -> (template config, DiT sizes)
+    "cogvideox_5b": ("cogvideox_5b.yaml", dict(hidden_size=128, num_layers=4, num_attention_heads=4)),
+    "cogvideox_5b_i2v": ("cogvideox_5b_i2v.yaml", dict(hidden_size=128, num_layers=4, num_attention_heads=4)),
+}
+TEXT_LENGTH = 32
+T5_DIM = 64
+
+
+# -----------------------------------------------------------------------------------------------------------
+# data
+
+
+def clip_tensor(clips) -> torch.Tensor:
+    """uint8 ``[N, F, H, W, 3]`` -> float ``[N, 3, F, H, W]`` in [-1, 1] (the VAE's input)."""
+    x = torch.from_numpy(np.asarray(clips)).float() / 127.5 - 1.0
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# configs
+
+
+def _template(name: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(os.path.join(ROOT, "configs", "tiny", name))
+
+
+def model_config(name: str, scale_factor: float):
+    """The model config of ``name``: the tiny template with the demo's sizes and files."""
+    template, sizes = MODELS[name]
+    cfg = _template(template)
+    m = cfg.model
+    m.scale_factor = float(scale_factor)
+    net = m.network_config.params
+    latent = world.SIZE // 8
+    net.num_frames = world.FRAMES
+    net.latent_width = net.latent_height = latent
+    for k, v in sizes.items():
+        net[k] = v
+    net.time_embed_dim = sizes["hidden_size"]
+    mods = net.modules
+    mods.pos_embed_config.params.hidden_size_head = sizes["hidden_size"] // sizes["num_attention_heads"]
+    mods.pos_embed_config.params.text_length = TEXT_LENGTH
+    mods.patch_embed_config.params.text_hidden_size = T5_DIM
+    emb = m.conditioner_config.params.emb_models
+    for e in emb:
+        if "model_dir" in e.params:
+            e.params.model_dir = "${oc.env:" + ENV_VAR + ",demo_model}/t5"
+            e.params.max_length = TEXT_LENGTH
+    m.first_stage_config.params.ckpt_path = "${oc.env:" + ENV_VAR + ",demo_model}/vae/3d-vae.pt"
+    for part in ("encoder_config", "decoder_config"):
+        m.first_stage_config.params[part].params.ch_mult = [1, 1, 1, 1]
+    return cfg
+
+
+def vae_from_config(cfg):
+    from omegaconf import OmegaConf
+
+    from sgm.util import instantiate_from_config
+
+    vcfg = OmegaConf.to_container(cfg.model.first_stage_config, resolve=False)
+    vcfg["params"].pop("ckpt_path", None)
+    return instantiate_from_config(vcfg)
+
+
+def sft_config(work: str, args, name: str):
+    """The finetuning config of a from-scratch run (SAT args, data, DeepSpeed)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(os.path.join(ROOT, "configs", "tiny", "sft.yaml"))
+    a = cfg.args
+    a.experiment_name = name
+    a.mode = "pretrain"
+    a.load = None
+    a.train_iters = args.dit_iters
+    a.save = os.path.join(work, "runs")
+    a.save_interval = min(args.dit_iters, 50)  # models to look at while it trains (and to use if a run is cut short)
+    a.log_interval = 10
+    a.eval_interval = 10 ** 9
+    a.train_data = [os.path.join(work, "dataset")]
+    a.seed = args.seed
+    # constant: the checkpoint of iteration k is the model of a k-iteration run (a cut-short run stays a recipe)
+    a.lr_decay_style = "constant"
+    a.warmup = 0.0
+    a.num_workers = 1  # decode the next clips while the model computes
+    cfg.data.params.video_size = [world.SIZE, world.SIZE]
+    cfg.data.params.fps = world.FPS
+    cfg.data.params.max_num_frames = world.FRAMES
+    ds = cfg.deepspeed
+    ds.train_micro_batch_size_per_gpu = args.batch
+    ds.gradient_clipping = 1.0
+    ds.optimizer.params.lr = args.lr
+    ds.optimizer.params.weight_decay = 0.0
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------------------
+# VAE
+
+
+def train_vae(clips: torch.Tensor, cfg, steps: int, batch: int, lr: float, kl_weight: float, seed: int):
+    """Train the tiny VAE on ``clips``; returns (vae, curve of (step, reconstruction L1))."""
+    torch.manual_seed(seed)
+    vae = vae_from_config(cfg)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    curve, running = [], []
+    for step in range(1, steps + 1):
+        x = clips[torch.randint(len(clips), (batch,), generator=gen)]
+        flips = torch.rand(batch, generator=gen) < 0.5  # mirrored clips: more positions for free
+        x = torch.where(flips[:, None, None, None, None], x.flip(-1), x)
+        z, reg = vae.encode(x, return_reg_log=True)
+        y = vae.decode(z)
+        rec = (y - x).abs().mean()
+        loss = rec + 2.0 * ((y - x) ** 2).mean() + kl_weight * reg["kl_loss"].mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running.append(float(rec.detach()))
+        if step % 25 == 0 or step == steps:
+            curve.append((step, float(np.mean(running))))
+            print(f"vae step {step}/{steps}: L1 {curve[-1][1]:.4f}", flush=True)
+            running = []
+    vae.eval()
+    return vae, curve
+
+
+@torch.no_grad()
+def latent_std(vae, clips: torch.Tensor) -> float:
+    zs = [vae.encode(clips[i:i + 8]) for i in range(0, min(len(clips), 64), 8)]
+    return float(torch.cat(zs).std())
+
+
+@torch.no_grad()
+def vae_psnr(vae, clips: torch.Tensor) -> float:
+    x = clips[:16]
+    y = vae.decode(vae.encode(x, unregularized=True)[0].chunk(2, dim=1)[0]).clamp(-1, 1)
+    mse = float((((y - x) / 2) ** 2).mean())
+    return 10 * np.log10(1.0 / max(mse, 1e-12))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# DiT through train_video
+
+
+LOSS_RE = re.compile(r"iteration\s+(\d+)\s*/\s*\d+.*?loss[^0-9]*([0-9.]+E[+-]\d+|[0-9.]+)", re.IGNORECASE)
+
+
+def train_dit(name: str, out: str, work: str, args) -> dict:
+    """Run ``sat_cogvideo.train_video`` on the model config; copy the final DiT into ``out/name/transformer``."""
+    from omegaconf import OmegaConf
+
+    sft = os.path.join(work, f"sft_{name}.yaml")
+    OmegaConf.save(sft_config(work, args, name), sft)
+    env = dict(os.environ, **{ENV_VAR: out, "OMP_NUM_THREADS": str(args.threads)})
+    cmd = [sys.executable, "-m", "sat_cogvideo.train_video", "--base", os.path.join(out, f"{name}.yaml"), sft,
+           "--device", "cpu"]
+    print(">> " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    curve = []
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+        log = open(os.path.join(work, f"train_{name}.log"), "w", encoding="utf-8")
+        for line in p.stdout:
+            log.write(line)
+            m = LOSS_RE.search(line)
+            if m:
+                curve.append((int(m.group(1)), float(m.group(2))))
+                print(f"{name} iteration {m.group(1)}: loss {float(m.group(2)):.4f}", flush=True)
+        log.close()
+    if p.returncode:
+        raise SystemExit(f"error: train_video failed for {name} (see {work}/train_{name}.log)")
+    copy_final_checkpoint(os.path.join(work, "runs"), name, out)
+    return {"curve": curve, "seconds": round(time.time() - t0, 1)}
+
+
+def copy_final_checkpoint(runs: str, name: str, out: str) -> None:
+    """The newest ``<runs>/<name>-*/<iter>/mp_rank_00_model_states.pt`` -> ``out/name/transformer/<iter>/``."""
+    run = sorted(d for d in os.listdir(runs) if d.startswith(name + "-"))[-1]
+    with open(os.path.join(runs, run, "latest")) as f:
+        tag = f.read().strip()
+    target = os.path.join(out, name, "transformer")
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(os.path.join(target, tag))
+    src = os.path.join(runs, run, tag, "mp_rank_00_model_states.pt")
+    from sat_cogvideo.checkpoint import load_torch_file
+
+    state = load_torch_file(src, what="checkpoint")
+    torch.save({"module": state["module"]}, os.path.join(target, tag, "mp_rank_00_model_states.pt"))
+    with open(os.path.join(target, "latest"), "w") as f:
+        f.write(tag + "\n")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# README
+
+
+README_HEAD = """\
+# The demo model: a tiny CogVideoX that has learned a small visual world
+
+Made by `tools/train_demo_model.py` (every number below comes from `training.json`, written by that run):
+
+```bash
+{command}
+```
+
+**World** (`sat_cogvideo/demo_world.py`): {frames} frames of {size}x{size} pixels at {fps} fps; a filled circle or
+square of one colour ({colors}) moves {travel} to the left, right, up or down on a plain dark background; the
+caption reads "a red circle moving to the left".  Start, size and speed are drawn per clip from the seed.  The
+combinations {held_out} are never shown to the DiT (each word is, in other combinations); the colour "{new}" is
+never shown to it at all (the LoRA demo, `bash finetune.sh`, teaches it).  The VAE, the generic codec, is trained
+on clips of every colour and combination (as the real VAE has seen all kinds of images).  Training data: {clips} clips per combination
+({n_clips} clips), written as a finetuning dataset (`labels/N.txt`, `videos/N.mp4`).
+
+**Layout** (real SAT formats; `--load demo_model/cogvideox_5b/transformer` style paths):
+
+```
+demo_model/
+  cogvideox_5b.yaml            model config: 5B-style DiT (3D RoPE, v-prediction), hidden {hidden}, {layers} layers,
+                               {heads} heads, text length {text_len}; its T5 and VAE are found through
+                               ${{SAT_COGVIDEO_DEMO_MODEL}} (default: demo_model relative to the working folder)
+  cogvideox_5b_lora.yaml       the same with a rank-4 LoRA (the finetuning demo)
+  inference.yaml               sampling size 32x32, 3 latent frames, 8 fps
+  cogvideox_5b/transformer/latest, <iter>/mp_rank_00_model_states.pt   {{"module": model.diffusion_model.*}}
+  vae/3d-vae.pt                {{"state_dict": encoder.*, decoder.*}} (ch 32, ch_mult 1,1,1,1, z 16)
+  t5/                          the frozen tiny T5 v1.1 encoder folder (random weights, sat_cogvideo/tiny_t5.py)
+  training.json                losses and timings of the run
+```
+
+Generate: `bash inference.sh` (no arguments: "a red circle moving to the right"), or
+`python -m sat_cogvideo.demo --prompt "a yellow square moving up"`, or the full CLI:
+
+```bash
+SAT_COGVIDEO_DEMO_MODEL=demo_model bash inference.sh --base demo_model/cogvideox_5b.yaml demo_model/inference.yaml \\
+    --load demo_model/cogvideox_5b/transformer --prompt "a blue circle moving down" --output-path out.mp4 \\
+    --num-steps 10 --device cpu --preview
+```
+
+## Training
+
+1. VAE: the 3D causal VAE of `sat_cogvideo/vae_modules` (the real encoder/decoder classes) trained {vae_steps} steps
+   on L1 + 2·MSE reconstruction + {kl} · KL per pixel, AdamW one-cycle, batch {vae_batch}, mirrored clips.
+   Reconstruction PSNR {psnr} dB; latent standard deviation {std:.3f}, so `scale_factor` = {scale:.4f}.
+2. DiT: `python -m sat_cogvideo.train_video` (SAT's training loop, DeepSpeed ZeRO-2, EmaAdamW) from scratch
+   (`mode: pretrain`, no `load`), {dit_iters} iterations of batch {batch}, lr {lr} constant, the v-prediction loss
+   of the configs, 10% of captions dropped (classifier-free guidance).  Only the final `mp_rank_00_model_states.pt`
+   is kept (its `module`).
+
+Only the 5B-style text-to-video model is trained: on the shared 2-core machine one DiT already takes the whole
+time budget; the I2V and 1.5-style models would each need a run of their own.  `--models cogvideox_5b_i2v` runs
+the same recipe for the I2V DiT (not run for this folder, so untested).
+
+Timings (2 CPU cores shared with other jobs, 1 torch thread): data {data_s} s, VAE {vae_s} s, DiT {dit_s} s,
+total {total_s} s.
+
+## Training curves
+
+| VAE step | L1 (pixels in [-1, 1]) |   | DiT iteration | loss |
+|---:|---:|---|---:|---:|
+"""
+
+
+def write_readme(out: str, report: dict, args) -> None:
+    """``<out>/README.md`` from the run's ``report`` (command, recipe, curves as a table)."""
+    from omegaconf import OmegaConf
+
+    net = OmegaConf.load(os.path.join(out, "cogvideox_5b.yaml")).model
+    p = net.network_config.params
+    vae = report.get("vae", {})
+    dit = report.get("cogvideox_5b", {})
+    text = README_HEAD.format(
+        command=report["command"], frames=world.FRAMES, size=world.SIZE, fps=world.FPS,
+        colors=", ".join(world.COLORS), travel="about a third of the frame", new=world.NEW_COLOR[0],
+        held_out=", ".join(f'"{world.caption(*c)}"' for c in world.HELD_OUT), clips=args.clips,
+        n_clips=args.clips * len(world.training_combinations()), hidden=p.hidden_size, layers=p.num_layers,
+        heads=p.num_attention_heads, text_len=TEXT_LENGTH, vae_steps=args.vae_steps, kl=args.kl_weight,
+        vae_batch=args.vae_batch, psnr=vae.get("psnr_db"), std=vae.get("latent_std", 0.0),
+        scale=float(net.scale_factor), dit_iters=args.dit_iters, batch=args.batch, lr=args.lr,
+        data_s=report.get("data_seconds"), vae_s=vae.get("seconds"), dit_s=dit.get("seconds"),
+        total_s=report.get("total_seconds"))
+    vcurve, dcurve = vae.get("curve", []), dit.get("curve", [])
+    pick = lambda c, n: [c[int(round(i))] for i in np.linspace(0, len(c) - 1, min(n, len(c)))] if c else []
+    vrows, drows = pick(vcurve, 10), pick(dcurve, 10)
+    for i in range(max(len(vrows), len(drows))):
+        v = f"{vrows[i][0]} | {vrows[i][1]:.4f}" if i < len(vrows) else " | "
+        d = f"{drows[i][0]} | {drows[i][1]:.4f}" if i < len(drows) else " | "
+        text += f"| {v} |   | {d} |\n"
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output", default=os.path.join(ROOT, "demo_model"))
+    p.add_argument("--work", default=None,
+                   help="scratch folder (dataset, runs, logs); default ~/.cache/sat-cogvideo/demo_work")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=["cogvideox_5b"], choices=sorted(MODELS))
+    p.add_argument("--clips", type=int, default=10, help="clips per training combination")
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-batch", type=int, default=3)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--dit-iters", type=int, default=400)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument("--skip-vae", action="store_true", help="keep <output>/vae and the model configs")
+    return p.parse_args(argv)
+
+
+def build_vae_and_configs(args, out: str, work: str, report: dict) -> None:
+    from sat_cogvideo.vae_modules import save_vae_checkpoint
+
+    rng = np.random.default_rng(args.seed + 1)
+    # the VAE is the generic codec: it sees every colour (the new one included), as the real VAE has seen all images
+    combos = world.combinations(list(world.COLORS) + [world.NEW_COLOR[0]])
+    clips = clip_tensor([world.make_clip(*combos[i % len(combos)], rng) for i in range(len(combos) * 8)])
+    t0 = time.time()
+    cfg = model_config(args.models[0], 1.0)
+    vae, curve = train_vae(clips, cfg, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed)
+    std = latent_std(vae, clips)
+    report["vae"] = {"curve": curve, "seconds": round(time.time() - t0, 1), "latent_std": std,
+                     "psnr_db": round(vae_psnr(vae, clips), 2)}
+    print(f"vae: {report['vae']['seconds']} s, latent std {std:.3f}, PSNR {report['vae']['psnr_db']} dB", flush=True)
+    save_vae_checkpoint(vae, os.path.join(out, "vae", "3d-vae.pt"))
+    write_configs(out, args.models, round(1.0 / std, 4))
+
+
+def build_t5(out: str, seed: int) -> str:
+    """``<out>/t5``: the tiny T5 encoder folder (random, frozen weights) whose SentencePiece model is trained on the
+    demo's captions (every colour, the new one included), so that each word of the world is one or two pieces
+    (the stock tiny tokenizer, trained on other sentences, spells most of these words letter by letter)."""
+    import io
+
+    import sentencepiece as spm
+
+    from sat_cogvideo.tiny_t5 import build_tiny_t5
+
+    folder = build_tiny_t5(os.path.join(out, "t5"), d_model=T5_DIM, num_layers=2, num_heads=2, d_kv=32, d_ff=128,
+                           seed=seed, overwrite=True)
+    captions = [world.caption(*c) for c in world.combinations(list(world.COLORS) + [world.NEW_COLOR[0]])]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions * 4), model_writer=model, vocab_size=64, model_type="word",
+        character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
+        unk_piece="<unk>", num_threads=1, minloglevel=2, hard_vocab_limit=False, shuffle_input_sentence=False)
+    with open(os.path.join(folder, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+    return folder
+
+
+INFERENCE_YAML = """\
+# Inference settings of the trained demo model (written by tools/train_demo_model.py): 9 frames of 32x32 at 8 fps.
+args:
+  image2video: False
+  latent_channels: 16
+  mode: inference
+  batch_size: 1
+  input_type: cli
+  sampling_image_size: [32, 32]
+  sampling_num_frames: 3
+  sampling_fps: 8
+  output_dir: outputs/demo
+  force_inference: True
+"""
+
+
+def write_configs(out: str, models, scale_factor: float) -> None:
+    """``<out>/<model>.yaml`` per model, ``<out>/cogvideox_5b_lora.yaml`` (the finetuning demo's LoRA model: rank 4
+    (scale lora_alpha / r = 2) on the attention, everything else frozen) and ``<out>/inference.yaml``."""
+    from omegaconf import OmegaConf
+
+    for name in models:
+        OmegaConf.save(model_config(name, scale_factor), os.path.join(out, f"{name}.yaml"))
+    lora = model_config("cogvideox_5b", scale_factor)
+    lora.model.not_trainable_prefixes = ["all"]
+    lora.model.network_config.params.modules.lora_config = {"target": "sat.model.finetune.lora2.LoraMixin",
+                                                            "params": {"r": 4, "lora_alpha": 8}}
+    OmegaConf.save(lora, os.path.join(out, "cogvideox_5b_lora.yaml"))
+    with open(os.path.join(out, "inference.yaml"), "w", encoding="utf-8") as f:
+        f.write(INFERENCE_YAML)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = os.path.abspath(args.output)
+    cache = os.environ.get("SAT_COGVIDEO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sat-cogvideo")
+    work = os.path.abspath(args.work or os.path.join(cache, "demo_work"))
+    os.makedirs(out, exist_ok=True)
+    report_path = os.path.join(out, "training.json")
+    report = {"command": " ".join(["python", "tools/train_demo_model.py"] + list(sys.argv[1:] if argv is None
+                                                                                  else argv)),
+              "seed": args.seed}
+    if args.skip_vae and os.path.isfile(report_path):
+        report.update({k: v for k, v in json.load(open(report_path)).items() if k in ("vae", "data_seconds")})
+    t0 = time.time()
+    if not os.path.isdir(os.path.join(work, "dataset", "videos")):
+        shutil.rmtree(work, ignore_errors=True)
+        combos = world.training_combinations()
+        world.write_dataset(os.path.join(work, "dataset"), combos, args.clips, args.seed)
+        report["data_seconds"] = round(time.time() - t0, 1)
+    shutil.rmtree(os.path.join(work, "runs"), ignore_errors=True)
+    if not args.skip_vae:
+        build_vae_and_configs(args, out, work, report)
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=1)
+    build_t5(out, args.seed)
+    for name in args.models:
+        report[name] = train_dit(name, out, work, args)
+    report["total_seconds"] = round(time.time() - t0, 1)
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=1)
+    write_readme(out, report, args)
+    print(f"done in {report['total_seconds']} s -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
