@@ -29,8 +29,12 @@ setup(
         "pillow",
         # tools/convert_weight_sat2hf.py writes the diffusers pipeline with it; the tests compare against it
         "diffusers==0.42.1",
+        # --load / MODEL_PATH given a Hugging Face id (sat_cogvideo/hub.py)
+        "huggingface_hub>=0.34",
+        # --weights-dtype int8 (sat_cogvideo/accel/lowbit.py): int8 weight-only tensors, CPU and CUDA
+        "torchao>=0.10",
     ],
     extras_require={
-        "test": ["pytest", "peft"],
+        "test": ["pytest", "peft", "scikit-image"],  # scikit-image: PSNR/SSIM in benchmarks/bench_options.py
     },
 )

@@ -164,15 +164,22 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_height: int, grid_width: int) -
     return torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
 
 
+# The kernel of the full-attention case below (None: torch's SDPA); ``--attention`` (sat_cogvideo.accel) sets it.
+sdpa_kernel = None
+
+
 def sdpa_attention(query_layer, key_layer, value_layer, attention_mask, attention_dropout=None,
                    log_attention_weights=None, scaling_attention_score=True, **kwargs):
     """SAT's default attention for the case CogVideoX uses (all-ones mask, equal q/kv heads): one
     ``scaled_dot_product_attention`` call, without SAT's copies of k and v.  Anything else goes to SAT's default."""
+    if kwargs.get("attention_core") is not None:  # sequence parallel ring (sat_cogvideo.parallel.sequence)
+        return kwargs["attention_core"](query_layer, key_layer, value_layer)
     full = attention_mask is None or (attention_mask.numel() == 1 and bool(attention_mask.reshape(-1)[0] > 0))
     if (full and scaling_attention_score and log_attention_weights is None
             and key_layer.shape[1] == query_layer.shape[1]):
         dropout_p = attention_dropout.p if attention_dropout is not None and attention_dropout.training else 0.0
-        return F.scaled_dot_product_attention(query_layer, key_layer, value_layer, dropout_p=dropout_p)
+        kernel = sdpa_kernel or F.scaled_dot_product_attention
+        return kernel(query_layer, key_layer, value_layer, dropout_p=dropout_p)
     return attention_fn_default(query_layer, key_layer, value_layer, attention_mask,
                                 attention_dropout=attention_dropout, log_attention_weights=log_attention_weights,
                                 scaling_attention_score=scaling_attention_score, **kwargs)
@@ -180,7 +187,7 @@ def sdpa_attention(query_layer, key_layer, value_layer, attention_mask, attentio
 
 def _modulate_streams(normed, text_length, t_shift, t_scale, shift, scale):
     """Modulate text tokens ``[:text_length]`` and image tokens with their own shift/scale."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # torch.compile: no out= into slices
         return torch.cat([modulate(normed[:, :text_length], t_shift, t_scale),
                           modulate(normed[:, text_length:], shift, scale)], dim=1)
     # inference: in place on the fresh LayerNorm output, no concatenation copy
@@ -191,7 +198,7 @@ def _modulate_streams(normed, text_length, t_shift, t_scale, shift, scale):
 
 def _gated_residual(hidden, out, text_length, t_gate, gate):
     """``hidden + gate * out`` with the text gate on the first ``text_length`` tokens."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return torch.cat([hidden[:, :text_length] + t_gate * out[:, :text_length],
                           hidden[:, text_length:] + gate * out[:, text_length:]], dim=1)
     # inference: written into ``out`` (the fresh attention/MLP output), one pass per stream
@@ -336,16 +343,19 @@ class Rotary3DPositionEmbeddingMixin(BaseMixin):
         if rope_T > t or rope_H > h or rope_W > w:
             raise UserError(f"latent patch grid {rope_T}x{rope_H}x{rope_W} exceeds the RoPE table {t}x{h}x{w} "
                             "(num_frames / latent_height / latent_width of the network config)")
-        # One forward asks every layer for the same tables: keep the last ones while the buffers are unchanged.
-        key = (rope_T, rope_H, rope_W, dtype, self.freqs_cos.device, self.freqs_cos.data_ptr(),
-               self.freqs_cos._version, self.freqs_sin.data_ptr(), self.freqs_sin._version)
-        if self._table_cache is not None and self._table_cache[0] == key:
+        # One forward asks every layer for the same tables: keep the last ones while the buffers are unchanged
+        # (not under torch.compile, where data_ptr() breaks the graph: the slicing is traced instead).
+        key = None if torch.compiler.is_compiling() else (
+            rope_T, rope_H, rope_W, dtype, self.freqs_cos.device, self.freqs_cos.data_ptr(),
+            self.freqs_cos._version, self.freqs_sin.data_ptr(), self.freqs_sin._version)
+        if key is not None and self._table_cache is not None and self._table_cache[0] == key:
             return self._table_cache[1]
         d = self.freqs_cos.shape[-1]
         cos = self.freqs_cos.view(t, h, w, d)[:rope_T, :rope_H, :rope_W].reshape(-1, d).to(dtype)
         sin = self.freqs_sin.view(t, h, w, d)[:rope_T, :rope_H, :rope_W].reshape(-1, d).to(dtype)
         signed_sin = sin * torch.tensor([-1.0, 1.0], dtype=dtype, device=sin.device).repeat(d // 2)
-        self._table_cache = (key, (cos, signed_sin))
+        if key is not None:
+            self._table_cache = (key, (cos, signed_sin))
         return cos, signed_sin
 
     def rotary(self, x: torch.Tensor, text_length: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -378,6 +388,8 @@ class Rotary3DPositionEmbeddingMixin(BaseMixin):
                      log_attention_weights=None, scaling_attention_score=True, **kwargs):
         text_length = kwargs["text_length"]
         cos, sin = self._tables(kwargs["rope_T"], kwargs["rope_H"], kwargs["rope_W"], query_layer.dtype)
+        if kwargs.get("rope_rows") is not None:  # sequence parallel: the image positions of a local chunk
+            cos, sin = cos[kwargs["rope_rows"]], sin[kwargs["rope_rows"]]
         query_layer = self.rotary(query_layer, text_length, cos, sin)
         key_layer = self.rotary(key_layer, text_length, cos, sin)
         if self.rot_v:

@@ -51,7 +51,9 @@ VARIABLES = ("MODEL_PATH", "FAMILY", "MODEL_CONFIG", "T5_PATH", "VAE_PATH", "LOR
 
 @dataclass(frozen=True)
 class ModelFolder:
-    """Where the three parts of a SAT model download are."""
+    """Where the three parts of a SAT model download are (of a diffusers pipeline: ``transformer`` is the
+    pipeline folder, given to ``--load``, ``checkpoint`` its ``transformer/``, ``vae`` its ``vae/``, ``t5`` its
+    ``text_encoder/``)."""
     root: str
     transformer: str   # folder with ``latest`` and ``<tag>/mp_rank_00_model_states.pt``
     checkpoint: str    # the ``mp_rank_00_model_states.pt`` file ``latest`` names
@@ -75,6 +77,11 @@ def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "") ->
     if not model_path:
         raise UserError("MODEL_PATH is empty: set it to a CogVideoX SAT folder (transformer/, vae/3d-vae.pt, "
                         "t5-v1_1-xxl/)")
+    from sat_cogvideo import hub
+
+    if hub.is_pipeline_path(model_path):  # a diffusers pipeline folder or a Hugging Face id (resolved, checked)
+        pipe = hub.resolve(os.path.expanduser(model_path), what="MODEL_PATH")
+        return ModelFolder(pipe.root, pipe.root, pipe.part("transformer"), pipe.part("vae"), pipe.part("text_encoder"))
     from sat_cogvideo.checkpoint import not_sat_reason
 
     path = os.path.abspath(os.path.expanduser(model_path))
@@ -126,6 +133,10 @@ def read_checkpoint_state(path: str) -> Mapping:
     the project's one safe loader (``SAT_COGVIDEO_TRUST_PICKLE=1`` allows pickled objects)."""
     from sat_cogvideo.checkpoint import load_checkpoint_file, read_state_dict
 
+    if os.path.isdir(path):  # a diffusers pipeline's transformer/: its SAT keys and shapes, from the headers
+        from sat_cogvideo.convert.diffusers_source import sat_meta_of
+
+        return sat_meta_of(os.path.dirname(path))
     return read_state_dict(load_checkpoint_file(path))
 
 
@@ -434,6 +445,12 @@ def _sample_argv(launch: Launch, values: dict, lora: str, env) -> List[str]:
                ("--strength", values["strength"]), ("--lora-path", lora or None),
                ("--device", _get(env, "DEVICE") or None)]
     argv += [a for flag, value in options if value is not None for a in (flag, str(value))]
+    from sat_cogvideo.accel.options import launch_argv
+
+    argv += launch_argv(env)  # COMPILE=1, WEIGHTS_DTYPE, OFFLOAD, ATTENTION, CACHE (docs/speed.md)
+    from sat_cogvideo import parallel
+
+    argv += parallel.launch_argv(env)  # SP_SIZE, CFG_PARALLEL, ... (docs/parallel.md)
     return argv + (["--overwrite"] if _flag(env, "OVERWRITE") else ["--skip-existing"])
 
 

@@ -244,3 +244,49 @@ def batch_outputs(output_path: Optional[str], output_dir: str, line: int, text: 
         return [base + ext] if batch_size == 1 else [f"{base}_{i}{ext}" for i in range(batch_size)]
     name = "latent.pt" if latents else VIDEO_NAME
     return [output_file(output_dir, line, text, i, name) for i in range(batch_size)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# speed and memory options (sat_cogvideo.accel; docs/speed.md)
+
+
+def check_speed_options(compile_: bool, weights_dtype: Optional[str], offload: Optional[str]) -> None:
+    """The combinations of --compile, --weights-dtype and --offload that cannot work."""
+    hooked = offload in ("group", "sequential")
+    if compile_ and hooked:
+        raise UserError(f"--compile with --offload {offload}: the offload hooks move weights inside the compiled "
+                        "layer; use --offload model with --compile, or drop --compile")
+    if weights_dtype and hooked:
+        raise UserError(f"--weights-dtype {weights_dtype} with --offload {offload}: both hook every linear layer; "
+                        "use --offload model")
+    if weights_dtype == "fp8" and compile_:
+        raise UserError("--weights-dtype fp8 with --compile: the casting hooks rewrite weights inside the compiled "
+                        "layer; use --weights-dtype int8 with --compile")
+
+
+def check_parallel_degrees(world: int, sp_size: Optional[int], ulysses: Optional[int], ring: Optional[int],
+                           cfg_parallel: bool) -> Tuple[int, int, int]:
+    """One video on several processes (sat_cogvideo.parallel): the (ulysses, ring, cfg) degrees of the options for
+    ``world`` processes, or a UserError naming the fix.  ``--sp-size N`` alone means Ulysses N (heads that do not
+    divide are padded)."""
+    for flag, value in (("--sp-size", sp_size), ("--ulysses-degree", ulysses), ("--ring-degree", ring)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    u, r = ulysses or 1, ring or 1
+    if sp_size is not None:
+        if ulysses is None and ring is None:
+            u = sp_size
+        elif u * r != sp_size:
+            raise UserError(f"--sp-size {sp_size} is not --ulysses-degree {u} x --ring-degree {r}: "
+                            f"give --sp-size alone or degrees whose product is {sp_size}")
+    cfg = 2 if cfg_parallel else 1
+    need = u * r * cfg
+    what = " x ".join([f"--ulysses-degree {u}"] * (u > 1) + [f"--ring-degree {r}"] * (r > 1) +
+                      ["--cfg-parallel 2"] * cfg_parallel) or "1"
+    if need > world:
+        raise UserError(f"{what} needs {need} processes but the world size is {world}: launch {need} "
+                        f"(e.g. torchrun --nproc_per_node {need}) or lower the degrees")
+    if world % need:
+        raise UserError(f"{what} = {need} does not divide the world size {world}: use degrees whose product "
+                        f"divides {world}, or launch a multiple of {need} processes")
+    return u, r, cfg

@@ -27,13 +27,16 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 from sat_cogvideo import rules
 from sat_cogvideo.errors import UserError, run_cli
 from sat_cogvideo.families import get_generation
 from sat_cogvideo.rules import (DTYPE_ALIASES, IMAGE_EXTS, SAMPLERS, max_sampling_steps,  # noqa: F401 (re-exported)
                                 read_prompt_file, seed_for)
+
+if TYPE_CHECKING:  # the placement lives with the other offload options
+    from sat_cogvideo.accel.offload import Placement
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,14 +72,17 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--lora-scale", type=float, default=None,
                    help="LoRA scaling (default: lora_alpha / r as SAT's LoraMixin, lora_alpha from the config's "
                         "lora_config or 1, r read from the checkpoint)")
-    g.add_argument("--offload", action="store_true",
-                   help="keep T5, transformer and VAE on the CPU and move each to the device only while it works")
+    g.add_argument("--offload", nargs="?", const="model", default=None, choices=["model", "group", "sequential"],
+                   help="model (the default when given alone): keep T5, transformer and VAE on the CPU and move each "
+                        "to the device only while it works; group / sequential: the transformer by diffusers' group "
+                        "offloading (attention/MLP blocks / single modules), see docs/speed.md")
     g.add_argument("--vae-slicing", action="store_true", help="encode/decode one video of a batch at a time")
     g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping spatial tiles (less memory)")
     g.add_argument("--vae-tile-size", type=_tile_size, default=None,
                    help="tile size H,W in pixels for --vae-tiling (default 240,360 as diffusers)")
     g.add_argument("--skip-existing", action="store_true", help="skip prompts whose outputs exist (resume a list)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--preview", action="store_true", help="also write a PNG strip of frames beside every mp4")
     return parser
 
 
@@ -462,7 +468,9 @@ def build_engine(args):
         model = model.half()
     elif args.bf16:
         model = model.bfloat16()
-    if args.load:
+    if getattr(args, "model_source", None) is not None:
+        args.model_source.load_into(model)  # a diffusers pipeline: DiT and VAE streamed from its files
+    elif args.load:
         load_transformer_checkpoint(model, args.load)
     if args.lora_path:
         merge_lora_checkpoint(model, args.lora_path, args.lora_scale, args.model_config)
@@ -495,7 +503,9 @@ def preflight_weights(args) -> None:
     from sgm.modules.encoders.modules import check_t5_folder
 
     mc = args.model_config
-    if args.load:
+    if getattr(args, "model_source", None) is not None:
+        args.model_source.preflight(mc)
+    elif args.load:
         file = ckpt.checkpoint_file(args.load)
         dit = ckpt.read_state_dict(ckpt.load_checkpoint_file(file), prefix=ckpt.SAT_PREFIX)
         check_checkpoint_fits_config(detect_from_state_dict(dit), detect_from_model_config(mc), f"checkpoint {file}")
@@ -506,7 +516,8 @@ def preflight_weights(args) -> None:
         read_vae_checkpoint(vae)
     for emb in OmegaConf.select(mc, "conditioner_config.params.emb_models") or []:
         if str(emb.get("target", "")).endswith("FrozenT5Embedder"):
-            check_t5_folder((emb.get("params") or {}).get("model_dir", ""))
+            params = emb.get("params") or {}
+            check_t5_folder(params.get("model_dir", ""), params.get("tokenizer_dir"))
 
 
 def load_transformer_checkpoint(model, folder: str) -> None:
@@ -522,11 +533,19 @@ def load_transformer_checkpoint(model, folder: str) -> None:
 
 
 def lora_scale(lora, model_config, folder: str) -> float:
-    """SAT's LoraMixin scaling ``lora_alpha / r``: ``lora_alpha`` from the config's ``lora_config`` (default 1),
-    ``r`` from the factors (checked against the config's ``r``)."""
+    """SAT's LoraMixin scaling ``lora_alpha / r``: ``lora_alpha`` from the config's ``lora_config``, else (a plain
+    ``--base``) from the run's ``training_config.yaml`` (the alpha it was trained with), else 1; ``r`` from the
+    factors (checked against that ``r``)."""
+    from omegaconf import OmegaConf
+
     from sat_cogvideo.convert.lora import lora_rank
 
-    params = ((_net_params(model_config).get("modules") or {}).get("lora_config") or {}).get("params") or {}
+    params = ((_net_params(model_config).get("modules") or {}).get("lora_config") or {}).get("params")
+    trained = [os.path.join(d, "training_config.yaml") for d in (folder, os.path.dirname(os.path.abspath(folder)))]
+    trained = [p for p in trained if os.path.isfile(p)]
+    if params is None and trained:
+        params = OmegaConf.select(OmegaConf.load(trained[0]), "model.network_config.params.modules.lora_config.params")
+    params = params or {}
     r = lora_rank(lora)
     if params.get("r") is not None and int(params["r"]) != r:
         raise UserError(f"--lora-path {folder} has rank {r} but lora_config says r: {params['r']}")
@@ -557,49 +576,6 @@ def merge_lora_checkpoint(model, folder: str, scale: Optional[float], model_conf
 
 # --------------------------------------------------------------------------------------------------
 # generation
-
-
-class Placement:
-    """Where each part of the engine lives: all on the device, or (``--offload``) each part moved to the
-    device only while it works."""
-
-    def __init__(self, model, device, offload: bool):
-        self.model, self.device, self.offload = model, device, offload
-        if not offload:
-            model.to(device)
-        self._set_embedder_device(device)
-
-    def _set_embedder_device(self, device):
-        for emb in getattr(self.model.conditioner, "embedders", []):
-            if hasattr(emb, "device"):
-                emb.device = device
-
-    def use(self, part):
-        import contextlib
-
-        module = getattr(self.model, part)
-
-        @contextlib.contextmanager
-        def ctx():
-            if self.offload:
-                module.to(self.device)
-            try:
-                yield module
-            finally:
-                if self.offload:
-                    module.to("cpu")
-                    _empty_cache(self.device)
-
-        return ctx()
-
-
-def _empty_cache(device):
-    import torch
-
-    from sat_cogvideo.distributed import is_cuda
-
-    if is_cuda(device):
-        torch.cuda.empty_cache()
 
 
 def conditionings(model, text: str, device):
@@ -738,6 +714,8 @@ def save_outputs(args, plan: Plan, job: Job, index: int, samples_z, video):
                           else os.path.splitext(out)[0] + ".txt", job.text)
     else:
         media.write_video(out, video, fps=plan.fps)
+        if getattr(args, "preview", False):
+            media.write_preview(os.path.splitext(out)[0] + ".png", video)
     return out
 
 
@@ -751,7 +729,11 @@ def parse_args(argv: List[str]):
 
     if "--mode" not in argv:
         argv = ["--mode", "inference"] + argv
-    args = get_args(argv, extra=[add_inference_args])
+    from sat_cogvideo.accel.options import add_accel_args, check_accel_args
+
+    from sat_cogvideo.parallel import add_parallel_args
+
+    args = get_args(argv, extra=[add_inference_args, add_accel_args, add_parallel_args])
     if args.output_path and not explicit(args, "batch_size"):
         args.batch_size = 1  # --output-path names one video
     args.mode = "inference"
@@ -762,6 +744,10 @@ def parse_args(argv: List[str]):
         raise UserError("choose one of fp16 and bf16")
     if args.prompt is None and args.input_type == "cli" and args.output_path:
         raise UserError("--output-path needs --prompt (one video); use --output-dir for prompt lists")
+    check_accel_args(args)  # --compile / --weights-dtype / --offload / --attention / --cache
+    from sat_cogvideo.convert.diffusers_source import use_pipeline_load
+
+    use_pipeline_load(args)  # --load <diffusers folder or Hub id>: its SAT config unless --base gives one
     if args.model_config is None:
         raise UserError("no model: section: pass the model config with --base, e.g. "
                         "--base configs/cogvideox_5b.yaml configs/inference.yaml")
@@ -778,6 +764,9 @@ def prepare(args) -> Plan:
     user_seed = args.seed
     initialize(args)  # seeds with seed + data-parallel rank, as the original
     args.seed = user_seed  # our per-video seeds do not depend on the rank
+    from sat_cogvideo import parallel
+
+    parallel.configure(args)  # --sp-size/--cfg-parallel groups, before the prompts are shared out
     plan = build_plan(args)
     preflight_weights(args)
     if plan.family is not None and args.fp16 and plan.family.dtype == "bfloat16":
@@ -819,7 +808,13 @@ def run(args, plan: Plan) -> List[str]:
 
     device = torch.device(args.device)
     model = build_engine(args)
-    placement = Placement(model, device, args.offload)
+    from sat_cogvideo.accel import offload, options as accel_options
+
+    accel_options.apply(model, args)  # --weights-dtype, --attention, --compile, --cache (nothing when off)
+    from sat_cogvideo import parallel
+
+    parallel.install_engine(model, args, plan)  # --sp-size, --cfg-parallel, --parallel-vae (nothing when off)
+    placement = offload.make_placement(model, device, args.offload)
     written = []
     if args.input_type == "cli" and args.prompt is None:
         # interactive: validate each prompt as it comes
@@ -841,8 +836,9 @@ def run(args, plan: Plan) -> List[str]:
     for job, i in todo:
         t0 = time.time()
         samples_z, video = generate(args, model, plan, job, placement, i)
-        written.append(save_outputs(args, plan, job, i, samples_z, video))
-        _log(f"wrote {written[-1]} ({time.time() - t0:.1f}s)")
+        if parallel.writes_outputs():  # the first rank of the video's group (all ranks without --sp-size)
+            written.append(save_outputs(args, plan, job, i, samples_z, video))
+            _log(f"wrote {written[-1]} ({time.time() - t0:.1f}s)")
     return kept + written
 
 

@@ -4,8 +4,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 _deps_ok() {  # $1: python, $2: "test" to also require the test extras
-  local mods="torch sat deepspeed omegaconf einops sentencepiece transformers imageio imageio_ffmpeg safetensors tqdm PIL diffusers"
-  [ "${2:-}" = test ] && mods="$mods pytest peft"
+  local mods="torch sat deepspeed omegaconf einops sentencepiece transformers imageio imageio_ffmpeg safetensors tqdm PIL diffusers torchao"
+  [ "${2:-}" = test ] && mods="$mods pytest peft skimage"
   "$1" - $mods >/dev/null 2>&1 <<'PYEOF'
 import importlib, sys
 for m in sys.argv[1:]:

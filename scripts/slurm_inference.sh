@@ -28,12 +28,15 @@
 # Several processes (prompts of PROMPT_FILE shared out, one video each, none twice):
 #   sbatch --ntasks-per-node=4 --gres=gpu:4 --export=ALL,PROMPT_FILE=prompts.txt scripts/slurm_inference.sh
 #     -> srun starts one task per GPU; or LAUNCHER=torchrun NPROC=4 for torchrun in one task.
+# One video on several GPUs (docs/parallel.md): SP_SIZE=4 splits each video's sequence over 4 GPUs, CFG_PARALLEL=1
+# doubles that; the remaining GPUs still share the prompts:
+#   sbatch --ntasks-per-node=8 --gres=gpu:8 --export=ALL,SP_SIZE=4,CFG_PARALLEL=1 scripts/slurm_inference.sh
 # A requeued (preempted) job keeps its outputs and only generates the missing ones.
 # DRY_RUN=1 checks everything and prints the command without running it.
 
 # ---- parameters (the guide's names) -------------------------------------------------------------------------
 PROMPT="${1:-${PROMPT:-A serene sunrise over a mountain lake, mist drifting over the water, birds flying past.}}"
-MODEL_PATH="${2:-${MODEL_PATH:-checkpoints/CogVideoX1.5-5B-SAT}}"   # SAT folder: transformer/ vae/ t5-v1_1-xxl/
+MODEL_PATH="${2:-${MODEL_PATH:-THUDM/CogVideoX1.5-5b}}"   # HF id, diffusers folder or SAT folder (docs/cluster.md)
 LORA_PATH="${LORA_PATH:-}"                        # SAT LoRA checkpoint folder (with 'latest'), merged into the model
 OUTPUT_PATH="${OUTPUT_PATH:-}"                    # default: outputs/inference_${SLURM_JOB_ID}.mp4
 IMAGE_OR_VIDEO_PATH="${IMAGE_OR_VIDEO_PATH:-}"    # i2v: image (required); v2v: input video (required)
@@ -62,6 +65,13 @@ NPROC="${NPROC:-}"                                # torchrun: processes per node
 PYTHON="${PYTHON:-}"                              # default: python3 of the activated environment
 LOG_DIR="${LOG_DIR:-logs}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"                      # more sample_video options, e.g. "--offload --vae-tiling"
+COMPILE="${COMPILE:-0}"                           # 1: regional torch.compile of the DiT layers (docs/speed.md)
+WEIGHTS_DTYPE="${WEIGHTS_DTYPE:-}"                # fp8 / int8 DiT weights; OFFLOAD: model / group / sequential
+OFFLOAD="${OFFLOAD:-}"; ATTENTION="${ATTENTION:-}" # ATTENTION: sdpa / flash / sage
+CACHE="${CACHE:-}"                                # step caching: teacache:0.2 or fbcache:0.1
+SP_SIZE="${SP_SIZE:-}"                            # one video on SP_SIZE GPUs (sequence parallel; docs/parallel.md)
+CFG_PARALLEL="${CFG_PARALLEL:-0}"                 # 1: CFG halves on two GPU groups (2 x SP_SIZE GPUs per video)
+ULYSSES_DEGREE="${ULYSSES_DEGREE:-}"; RING_DEGREE="${RING_DEGREE:-}"; PARALLEL_VAE="${PARALLEL_VAE:-0}"
 # SAT_COGVIDEO_TRUST_PICKLE=1 lets checkpoints holding pickled Python objects load (that runs code from the file:
 # only for files you trust); by default they are refused before anything runs, DRY_RUN included.
 
@@ -112,7 +122,8 @@ echo "job ${JOB_ID} on $(hostname) at $(date -u +%FT%TZ), restart ${SLURM_RESTAR
 # ---- the guide's rules, checked before anything is computed --------------------------------------------------
 export MODEL_PATH LORA_PATH PROMPT PROMPT_FILE PROMPT_LINE OUTPUT_PATH OUTPUT_DIR IMAGE_OR_VIDEO_PATH GENERATE_TYPE \
   NUM_FRAMES NUM_STEPS GUIDANCE_SCALE DTYPE FPS SEED FAMILY MODEL_CONFIG T5_PATH VAE_PATH SAMPLER STRENGTH DEVICE \
-  OVERWRITE JOB_ID
+  OVERWRITE JOB_ID COMPILE WEIGHTS_DTYPE OFFLOAD ATTENTION CACHE \
+  SP_SIZE CFG_PARALLEL ULYSSES_DEGREE RING_DEGREE PARALLEL_VAE NPROC LAUNCHER
 export JOB_YAML="$LOG_DIR/inference-${JOB_ID}.yaml"
 ARGS_FILE="$LOG_DIR/inference-${JOB_ID}.args"
 "$PYTHON" -m sat_cogvideo.launch --args-file "$ARGS_FILE" || exit $?

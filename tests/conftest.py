@@ -18,6 +18,19 @@ CACHE_VARS = ("SAT_COGVIDEO_CACHE", "SAT_COGVIDEO_DEMO")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes minutes; excluded from the default run (reason given per test)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (run them: pytest -m cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests are skipped, with the reason, where no CUDA GPU is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

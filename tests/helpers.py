@@ -382,15 +382,21 @@ def slurm_cluster_lock(timeout: float = 1800.0, path: str = SLURM_LOCK, poll: fl
 
 @pytest.fixture(scope="session")
 def finetune_sh_run(tmp_path_factory, session_cache):
-    """``bash finetune.sh`` without arguments (the tiny demo: 4 LoRA iterations of the tiny CogVideoX-2B on CPU),
-    run once per session in a folder of its own; its output and run folder (``outputs/tiny_ckpts/tiny-lora-*``)."""
+    """``bash finetune.sh --base configs/tiny/cogvideox_2b_lora.yaml configs/tiny/sft.yaml --device cpu`` (4 LoRA
+    iterations of the tiny random-weight CogVideoX-2B on CPU, on the 2-video demo dataset), run once per session in a
+    folder of its own; its output and run folder (``outputs/tiny_ckpts/tiny-lora-*``)."""
     import glob
+
+    from sat_cogvideo.demo import prepare_demo
 
     cwd = tmp_path_factory.mktemp("finetune_sh")
     demo = os.environ["SAT_COGVIDEO_DEMO"]
+    prepare_demo(demo)
     env = clean_env(SAT_COGVIDEO_DEMO=demo, OMP_NUM_THREADS=2)
-    out = subprocess.run(["bash", os.path.join(ROOT, "finetune.sh")], cwd=str(cwd), env=env, capture_output=True,
-                         text=True, timeout=TRAIN_TIMEOUT)
+    tiny = os.path.join(ROOT, "configs", "tiny")
+    argv = ["--base", os.path.join(tiny, "cogvideox_2b_lora.yaml"), os.path.join(tiny, "sft.yaml"), "--device", "cpu"]
+    out = subprocess.run(["bash", os.path.join(ROOT, "finetune.sh"), *argv], cwd=str(cwd), env=env,
+                         capture_output=True, text=True, timeout=TRAIN_TIMEOUT)
     runs = glob.glob(str(cwd / "outputs" / "tiny_ckpts" / "tiny-lora-*"))
     return SimpleNamespace(proc=out, cwd=cwd, demo=demo, runs=runs)
 
@@ -524,3 +530,43 @@ def make_image(path) -> str:
 
     Image.new("RGB", (96, 64), (200, 30, 30)).save(path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ diffusers pipeline folders
+
+
+def save_tiny_pipeline(folder, family: str = "cogvideox_5b", seed: int = 3, t5=None) -> str:
+    """A diffusers pipeline folder written by diffusers itself (``CogVideoX[ImageToVideo]Pipeline.save_pretrained``):
+    random transformer and VAE of the sizes of ``configs/tiny/<family>.yaml``, the tiny T5 (``t5``: its folder,
+    default the session demo's) with ``model_max_length`` = the config's text length, the scheduler with the
+    config's SNR shift."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXPipeline, CogVideoXTransformer3DModel)
+    from omegaconf import OmegaConf
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    from sat_cogvideo.convert.transformer import diffusers_transformer_config
+    from sat_cogvideo.convert.vae import diffusers_vae_config
+    from sat_cogvideo.demo import build_demo, randomize_ as randomize
+
+    mc = OmegaConf.to_container(model_config(family), resolve=True)
+    net = mc["network_config"]["params"]
+    v15 = not isinstance(net["patch_size"], int)
+    t5 = t5 or build_demo(models=(family,))["t5"]
+    tok = T5Tokenizer.from_pretrained(t5)
+    tok.model_max_length = int(net["modules"]["pos_embed_config"]["params"]["text_length"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tcfg = diffusers_transformer_config(mc["network_config"], sample_size=(net["latent_height"],
+                                                                                net["latent_width"]))
+        transformer = randomize(CogVideoXTransformer3DModel(**tcfg), seed, scale=0.05)
+        vae = randomize(AutoencoderKLCogVideoX(**diffusers_vae_config(
+            mc["first_stage_config"], scaling_factor=mc["scale_factor"], version="1.5" if v15 else "1.0")),
+            seed + 1, scale=0.05)
+    shift = mc["denoiser_config"]["params"]["discretization_config"].get("params", {}).get("shift_scale", 1.0)
+    cls = CogVideoXImageToVideoPipeline if int(net["in_channels"]) == 2 * int(net["out_channels"]) else \
+        CogVideoXPipeline
+    pipe = cls(tokenizer=tok, text_encoder=T5EncoderModel.from_pretrained(t5), vae=vae, transformer=transformer,
+               scheduler=diffusers_scheduler(CogVideoXDDIMScheduler, shift))
+    pipe.save_pretrained(str(folder))
+    return str(folder)

@@ -4,9 +4,7 @@ GPU.  Every test is ``cuda``-marked: skipped without a GPU (conftest.py), run by
 ``benchmarks/gpu_check.sh``."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -38,6 +38,7 @@ def report(name, kind, z, latents, video, dvideo):
 
 def ours(engine, kind: str, media_path=None, strength=0.8, prompt="a cat"):
     from sat_cogvideo import sample_video as sv
+    from sat_cogvideo.accel.offload import Placement
 
     net = engine.model_config.network_config.params
     gen = engine.generation
@@ -48,7 +49,7 @@ def ours(engine, kind: str, media_path=None, strength=0.8, prompt="a cat"):
                            only_save_latents=False, vae_tiling=False)
     plan = sv.Plan(kind, gen, None, T, num_frames, H, W, 8, [])
     job = sv.Job(prompt, 0, media_path)
-    placement = sv.Placement(engine, torch.device("cpu"), offload=False)
+    placement = Placement(engine, torch.device("cpu"), offload=False)
     z, video = sv.generate(args, engine, plan, job, placement, 0)
     c, uc = sv.conditionings(engine, prompt, torch.device("cpu"))
     return z, video, c, uc, (num_frames, H, W)

@@ -1,6 +1,6 @@
 """``--offload model|group|sequential``: where the engine's weights live during inference.
 
-- ``model``: T5, DiT and VAE each moved to the device only while it works (``sample_video.Placement``).
+- ``model``: T5, DiT and VAE each moved to the device only while it works (:class:`Placement`).
 - ``group``: T5 and VAE as ``model``; the DiT stays on the CPU and diffusers' ``apply_group_offloading`` moves
   one group at a time onto the device: per SAT layer the attention block and the MLP block (the sub-modules SAT
   calls as modules), and every other module holding weights on its own.
@@ -15,10 +15,13 @@ dtype from it) stay on the device.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
 from sat_cogvideo.accel.layer_hooks import dit_of
+from sat_cogvideo.distributed import is_cuda
 
 RESIDENT = ("mixins.pos_embed", "transformer.position_embeddings")
 
@@ -64,10 +67,45 @@ def apply_dit_offload(model, device, mode: str, use_stream: bool = False):
     return len(units)
 
 
+class Placement:
+    """Where each part of the engine lives: all on the device, or (``--offload model``) each part moved to the
+    device only while it works.  The original has no such class: it moves the whole engine with ``model.to(device)``."""
+
+    def __init__(self, model, device, offload: bool):
+        self.model, self.device, self.offload = model, device, offload
+        if not offload:
+            model.to(device)
+        self._set_embedder_device(device)
+
+    def _set_embedder_device(self, device):
+        for emb in getattr(self.model.conditioner, "embedders", []):
+            if hasattr(emb, "device"):
+                emb.device = device
+
+    def use(self, part):
+        module = getattr(self.model, part)
+
+        @contextlib.contextmanager
+        def ctx():
+            if self.offload:
+                module.to(self.device)
+            try:
+                yield module
+            finally:
+                if self.offload:
+                    module.to("cpu")
+                    _empty_cache(self.device)
+
+        return ctx()
+
+
+def _empty_cache(device):
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
 def make_placement(model, device, mode):
     """The placement of ``sample_video`` for ``--offload mode`` (None/False: everything on the device)."""
-    from sat_cogvideo.sample_video import Placement
-
     if mode in (None, False):
         return Placement(model, device, False)
     if mode in (True, "model"):
@@ -75,18 +113,12 @@ def make_placement(model, device, mode):
     return GroupPlacement(model, device, mode)
 
 
-def _placement_base():
-    from sat_cogvideo.sample_video import Placement
-
-    return Placement
-
-
 class GroupPlacement:
     """``Placement`` for ``group``/``sequential``: the DiT's groups are moved by hooks, T5 and VAE per use.
     (No counterpart in the original, which keeps everything on the GPU.)"""
 
     def __init__(self, model, device, mode):
-        self._inner = _placement_base()(model, device, True)
+        self._inner = Placement(model, device, True)
         self.model, self.device, self.offload, self.mode = model, device, mode, mode
         dit = dit_of(model)
         rest = [m for n, m in model.model.named_children() if m is not dit]
@@ -95,8 +127,6 @@ class GroupPlacement:
         apply_dit_offload(model, device, mode)
 
     def use(self, part):
-        import contextlib
-
         if part == "model":
             return contextlib.nullcontext(self.model.model)
         return self._inner.use(part)
