@@ -536,16 +536,10 @@ def lora_scale(lora, model_config, folder: str) -> float:
     """SAT's LoraMixin scaling ``lora_alpha / r``: ``lora_alpha`` from the config's ``lora_config``, else (a plain
     ``--base``) from the run's ``training_config.yaml`` (the alpha it was trained with), else 1; ``r`` from the
     factors (checked against that ``r``)."""
-    from omegaconf import OmegaConf
-
-    from sat_cogvideo.convert.lora import lora_rank
+    from sat_cogvideo.convert.lora import lora_params_from_run, lora_rank
 
     params = ((_net_params(model_config).get("modules") or {}).get("lora_config") or {}).get("params")
-    trained = [os.path.join(d, "training_config.yaml") for d in (folder, os.path.dirname(os.path.abspath(folder)))]
-    trained = [p for p in trained if os.path.isfile(p)]
-    if params is None and trained:
-        params = OmegaConf.select(OmegaConf.load(trained[0]), "model.network_config.params.modules.lora_config.params")
-    params = params or {}
+    params = params if params is not None else lora_params_from_run(folder)
     r = lora_rank(lora)
     if params.get("r") is not None and int(params["r"]) != r:
         raise UserError(f"--lora-path {folder} has rank {r} but lora_config says r: {params['r']}")

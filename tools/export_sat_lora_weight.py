@@ -24,31 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sat_cogvideo.convert.lora import lora_params_from_run  # noqa: E402
 from sat_cogvideo.errors import UserError, require_packages, run_cli  # noqa: E402
-
-
-def _run_folder(path: str) -> str | None:
-    """The run folder of a checkpoint path (the folder holding ``training_config.yaml``), if any."""
-    path = os.path.abspath(path)
-    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        if os.path.isfile(os.path.join(candidate, "training_config.yaml")):
-            return candidate
-    return None
-
-
-def lora_params_from_run(path: str) -> dict:
-    """``lora_config.params`` of the run's ``training_config.yaml`` ({} when there is none)."""
-    folder = _run_folder(path)
-    if folder is None:
-        return {}
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = OmegaConf.load(os.path.join(folder, "training_config.yaml"))
-        lora = OmegaConf.select(cfg, "model.network_config.params.modules.lora_config.params")
-    except Exception:
-        return {}
-    return dict(OmegaConf.to_container(lora, resolve=False)) if lora is not None else {}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -211,6 +211,30 @@ def save_diffusers_lora(state_dict: Mapping[str, torch.Tensor], folder: str,
     return path
 
 
+def _run_folder(path: str) -> str | None:
+    """The run folder of a checkpoint path (the folder holding ``training_config.yaml``), if any."""
+    path = os.path.abspath(path)
+    for candidate in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        if os.path.isfile(os.path.join(candidate, "training_config.yaml")):
+            return candidate
+    return None
+
+
+def lora_params_from_run(path: str) -> dict:
+    """``lora_config.params`` of the run's ``training_config.yaml`` ({} when there is none)."""
+    folder = _run_folder(path)
+    if folder is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(os.path.join(folder, "training_config.yaml"))
+        lora = OmegaConf.select(cfg, "model.network_config.params.modules.lora_config.params")
+    except Exception:
+        return {}
+    return dict(OmegaConf.to_container(lora, resolve=False)) if lora is not None else {}
+
+
 def lora_mismatch_message(model_keys, checkpoint_keys, source: str = "checkpoint") -> Optional[str]:
     """One clear line when a LoRA checkpoint meets a model built without ``lora_config`` (the original then loads
     with ``force_inference`` and silently produces garbage), or when a LoRA model gets a checkpoint whose LoRA
