@@ -57,7 +57,7 @@ cmd_up() {
   fi
   munge -n | unmunge >/dev/null
 
-  NODE=$(hostname -s); NCPU=$(nproc)
+  NODE=$(hostname -s); NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys those two
   if [ -n "${SLURM_LOCAL_PORTS:-}" ]; then CPORT=${SLURM_LOCAL_PORTS%,*}; DPORT=${SLURM_LOCAL_PORTS#*,}
   else CPORT=$(free_port); DPORT=$(free_port); [ "$DPORT" != "$CPORT" ] || DPORT=$((CPORT + 1)); fi
   cat > "$D/slurm.conf" <<CONF

@@ -129,6 +129,17 @@ def test_budget_and_out_of_memory_become_rows(tmp_path, monkeypatch):
         ctx.add(check=family.name, status="ok")
 
     monkeypatch.setattr(gpu_parts, "dit_row", fake_row)
+    # the dry run sets one thread and OMP_NUM_THREADS=1 for its children: give both back to the later tests (an
+    # OMP_NUM_THREADS=1 left behind made `nproc` give the local SLURM node one CPU, and 2-task jobs never started)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # monkeypatch puts the original back at teardown
+    threads = torch.get_num_threads()
+    try:
+        _two_dry_runs(gpu_check, tmp_path, calls)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _two_dry_runs(gpu_check, tmp_path, calls):
     gpu_check.main(["--dry-run", "--out", str(tmp_path / "a"), "--parts", "dit"])
     rows = json.loads((tmp_path / "a" / "gpu_check.json").read_text())["rows"]
     assert calls == ["cogvideox-2b", "cogvideox-5b", "cogvideox1.5-5b"]
