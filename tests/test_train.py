@@ -380,6 +380,7 @@ def assert_same_optimizer_state(a, b, updates):
                 assert torch.equal(sa["state"][i][key], sb["state"][i][key])
 
 
+@pytest.mark.slow  # reason: three 2-process trainings (~60 s); the one-process resume test stays in the default run
 def test_killed_and_resumed_two_process_run_equals_uninterrupted_run(demo, tmp_path):
     """2 processes, ZeRO-2: killed after the save at iteration 2 and resumed, the run ends with the weights and
     every rank's optimizer state of the uninterrupted run (a resume that silently retrained from scratch would not
