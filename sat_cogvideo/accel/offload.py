@@ -63,7 +63,7 @@ def apply_dit_offload(model, device, mode: str, use_stream: bool = False):
     for name in units:
         apply_group_offloading(modules[name], onload_device=device, offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1,
-                               use_stream=use_stream and device.type == "cuda")
+                               use_stream=use_stream and is_cuda(device))
     return len(units)
 
 

@@ -115,7 +115,9 @@ def launch_argv(env) -> list:
         return argv
     parser = add_accel_args(argparse.ArgumentParser(add_help=False, exit_on_error=False))
     parser.add_argument("--offload", default=None)
-    device = get("DEVICE") or ("cuda" if get("ATTENTION") not in ("", "sdpa") else "cpu")
+    from sat_cogvideo.distributed import default_device
+
+    device = get("DEVICE") or str(default_device())  # as sample_video resolves a missing --device
     try:
         args = parser.parse_args(argv)
         args.device = device

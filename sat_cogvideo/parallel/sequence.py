@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from sat.model.base_model import BaseMixin, non_conflict
 
+from sat_cogvideo.distributed import is_cuda
 from sat_cogvideo.errors import UserError
 
 
@@ -102,17 +103,17 @@ def attention_with_lse(q, k, v):
     """Softmax attention and its log-sum-exp ``[B, h, Sq]`` (float32), scale ``1/sqrt(d)``.
 
     CPU: ATen's flash kernel returns both; CUDA: the flash (half types) or memory-efficient (float32) kernel;
-    otherwise (or if a kernel refuses the shapes) the float32 formula."""
+    otherwise (another device, or a kernel that refuses the shapes) the float32 formula."""
     try:
-        if q.device.type == "cpu":
+        if not is_cuda(q.device):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
             return out, lse.float()
-        if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        if q.dtype in (torch.float16, torch.bfloat16):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
             return out, lse.float()
-        if q.device.type == "cuda":  # float32: the memory-efficient kernel (its LSE may be padded to 32 rows)
-            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
-            return out, lse[..., :q.shape[2]].float()
+        # float32: the memory-efficient kernel (its LSE may be padded to 32 rows)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        return out, lse[..., :q.shape[2]].float()
     except (RuntimeError, NotImplementedError):
         pass
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
