@@ -193,20 +193,25 @@ def decode_frames(path: str, indices: Optional[Sequence[int]] = None) -> Tuple[n
     return np.stack([found[int(i)] for i in indices]), fps
 
 
-def read_video_fps(path: str) -> float:
-    """The frame rate ffmpeg reports for ``path``; raises :class:`BadVideo`."""
+def read_video_meta(path: str) -> dict:
+    """What ffmpeg reports of ``path`` before decoding (``fps``, ``size`` as (width, height)); raises
+    :class:`BadVideo`."""
     import imageio_ffmpeg
 
     gen = None
     try:
         gen = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
-        meta = next(gen)
+        return next(gen)
     except Exception as err:
         raise BadVideo(f"cannot be decoded: {_ffmpeg_reason(err)}") from None
     finally:
         if gen is not None:
             gen.close()
-    return float(meta.get("fps") or 0.0)
+
+
+def read_video_fps(path: str) -> float:
+    """The frame rate ffmpeg reports for ``path``; raises :class:`BadVideo`."""
+    return float(read_video_meta(path).get("fps") or 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -243,14 +248,19 @@ class SFTDataset(Dataset):
     ``SFTDataset(data_dir, video_size, fps, max_num_frames, skip_frms_num=3)``: ``video_size`` is ``[H, W]``,
     ``fps`` the sampling rate, ``max_num_frames`` the frames per sample (``4k+1``), ``skip_frms_num`` frames
     skipped at the start (and, for short clips, at the end).  ``probe_workers`` threads count the frames of every
-    video when the dataset is built, so unreadable and too-short videos are reported up front.
+    video when the dataset is built, so unreadable and too-short videos are reported up front.  ``buckets`` (not in
+    the original; :mod:`sat_cogvideo.buckets`) gives each video its own size and length, ``bucket_keys[i]`` =
+    ``(frames, height, width)`` of item ``i`` (``None`` without buckets).
     """
 
     def __init__(self, data_dir, video_size, fps, max_num_frames, skip_frms_num=3, probe_workers: int = 8,
-                 reshape_mode: str = "center"):
+                 reshape_mode: str = "center", buckets=None):
         super().__init__()
         data_dir = os.fspath(data_dir)
         self._check_params(data_dir, video_size, fps, max_num_frames)
+        from sat_cogvideo.buckets import Buckets
+
+        self.buckets = Buckets.from_config(buckets, self.video_size, int(max_num_frames))
         self.data_dir = data_dir
         self.fps = int(fps)
         self.max_num_frames = int(max_num_frames)
@@ -262,14 +272,17 @@ class SFTDataset(Dataset):
         self.video_paths: List[str] = []
         self.captions: List[str] = []
         self.frame_counts: List[int] = []
+        self.bucket_keys: Optional[List[Tuple[int, int, int]]] = [] if self.buckets else None
         candidates = self._captioned_videos(data_dir)
-        for (video, caption), (n, reason) in zip(candidates, self._probe_all(candidates, probe_workers)):
+        for (video, caption), (n, key, reason) in zip(candidates, self._probe_all(candidates, probe_workers)):
             if reason is not None:
                 self._skip(video, reason)
                 continue
             self.video_paths.append(video)
             self.captions.append(caption)
             self.frame_counts.append(n)
+            if self.buckets:
+                self.bucket_keys.append(key)
         if not self.video_paths:
             detail = f"; {len(self.skipped)} file(s) skipped, see the warnings above" if self.skipped else ""
             raise UserError(f"dataset folder {data_dir} has no usable video/caption pair (expected labels/N.txt "
@@ -318,20 +331,37 @@ class SFTDataset(Dataset):
         return candidates
 
     def _probe_all(self, candidates, workers: int) -> List[tuple]:
-        """(frame count, None) or (None, reason) per candidate: every video is opened once, in ``workers`` threads,
-        so unreadable and too-short videos are reported before training."""
+        """(frame count, bucket key or None, None) or (None, None, reason) per candidate: every video is opened
+        once (twice with buckets: its size and rate), in ``workers`` threads, so unreadable and too-short videos are
+        reported before training."""
         def probe(item):
             try:
                 n = count_frames(item[0])
                 select_frame_indices(n, 1.0, 1, self.max_num_frames, self.skip_frms_num)  # length check only
-                return n, None
+                return n, self._bucket_key(item[0], n) if self.buckets else None, None
             except BadVideo as err:
-                return None, str(err)
+                return None, None, str(err)
 
         if workers and len(candidates) > 1:
             with ThreadPoolExecutor(max_workers=min(int(workers), len(candidates))) as pool:
                 return list(pool.map(probe, candidates))
         return [probe(c) for c in candidates]
+
+    def _bucket_key(self, path: str, num_source_frames: int) -> Tuple[int, int, int]:
+        """(frames, height, width) of the bucket of a video (rules in :mod:`sat_cogvideo.buckets`)."""
+        meta = read_video_meta(path)
+        width, height = meta["size"]
+        longest = self.buckets.frames[-1]
+        _, available = select_frame_indices(num_source_frames, float(meta.get("fps") or 0.0), self.fps, longest,
+                                            self.skip_frms_num)
+        return (self.buckets.frames_for(available), *self.buckets.size_for(height, width))
+
+    def item_settings(self, index: int) -> dict:
+        """The size and length item ``index`` is cut to (its bucket's, or the dataset's)."""
+        if self.bucket_keys is None:
+            return {"video_size": list(self.video_size), "max_num_frames": self.max_num_frames}
+        frames, height, width = self.bucket_keys[index]
+        return {"video_size": [height, width], "max_num_frames": frames}
 
     # --- reporting
 
@@ -355,12 +385,13 @@ class SFTDataset(Dataset):
         """Decode item ``index``; raises :class:`BadVideo` if the video fails."""
         path = self.video_paths[index]
         source_fps = read_video_fps(path)
+        settings = self.item_settings(index)
         indices, num_frames = select_frame_indices(self.frame_counts[index], source_fps, self.fps,
-                                                   self.max_num_frames, self.skip_frms_num)
+                                                   settings["max_num_frames"], self.skip_frms_num)
         frames, _ = decode_frames(path, indices)
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # T, C, H, W
-        x = resize_for_rectangle_crop(x, self.video_size, reshape_mode=self.reshape_mode)
-        x = pad_last_frame(x, self.max_num_frames)
+        x = resize_for_rectangle_crop(x, settings["video_size"], reshape_mode=self.reshape_mode)
+        x = pad_last_frame(x, settings["max_num_frames"])
         x = (x - 127.5) / 127.5
         return {"mp4": x.contiguous(), "txt": self.captions[index], "num_frames": num_frames, "fps": self.fps}
 

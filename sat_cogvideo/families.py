@@ -15,6 +15,7 @@ from sat_cogvideo.errors import UserError
 
 
 TIME_COMPRESSION = 4  # the VAE's temporal compression: 4N+1 video frames <-> N+1 latent frames
+SPATIAL_COMPRESSION = 8  # the VAE's spatial compression: H x W pixels <-> H/8 x W/8 latents
 
 
 def decode_chunks_15(num_frames: int) -> List[int]:

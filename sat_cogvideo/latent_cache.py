@@ -335,6 +335,11 @@ class CachedVideoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def bucket_keys(self):
+        """The base dataset's buckets: a cached run batches as the run on the fly does."""
+        return getattr(self.base, "bucket_keys", None)
+
     def load_item(self, index: int) -> Optional[dict]:
         key = self.latent_keys[index]
         latent = self.store.read("latents", key) if key else None
@@ -404,7 +409,9 @@ class _Encoders:
 
 
 def _dataset_keys(ds, lat: dict, txt: dict, prints: Fingerprints):
-    lkeys = [digest({**lat, "video": prints.file(p)}) for p in ds.video_paths]
+    # an item's own size and length (its bucket's) replace the dataset's
+    settings = getattr(ds, "item_settings", lambda _i: {})
+    lkeys = [digest({**lat, **settings(i), "video": prints.file(p)}) for i, p in enumerate(ds.video_paths)]
     tkeys = [digest({**txt, "caption": c}) for c in ds.captions]
     return lkeys, tkeys
 

@@ -751,8 +751,11 @@ def _zero3_checkpoint_state_dict(module: torch.nn.Module) -> Dict[str, torch.Ten
 
 
 def _make_loaders_for(original, state: RunState):
+    from sat_cogvideo.buckets import bucketed_loaders
+
     def make_loaders(args, create_dataset_function, collate_fn=None):
         train, valid, test = original(args, create_dataset_function, collate_fn=collate_fn)
+        train, valid = bucketed_loaders(args, train, valid)
         resume = state.resume
         if resume is not None and train is not None:
             skip = int(resume["iteration"]) * int(args.gradient_accumulation_steps or 1)
@@ -874,10 +877,24 @@ def check_args(args) -> None:
     if args.model_config is None:
         raise UserError("the configs have no model: section: pass a model file first, e.g. --base "
                         "configs/cogvideox_2b_lora.yaml configs/sft.yaml")
+    check_training_sizes(args)
     if args.load and not os.path.exists(args.load):
         raise UserError(f"load: {args.load} does not exist (the CogVideoX SAT transformer folder with 'latest')")
     if args.mode == "inference":
         raise UserError("mode: inference cannot train; use finetune (new run from a base checkpoint) or pretrain")
+
+
+def check_training_sizes(args) -> None:
+    """The data's size(s) and length(s), buckets included, against the DiT's position grid (before any weight)."""
+    from sat_cogvideo.buckets import Buckets, check_fits_model
+
+    params = args.data_config.get("params") or {}
+    if "video_size" not in params or "max_num_frames" not in params or args.model_config.get("latent_input", False):
+        return  # another dataset class, or latents as data: nothing to compare
+    size, frames = [int(v) for v in params["video_size"]], int(params["max_num_frames"])
+    buckets = Buckets.from_config(params.get("buckets"), size, frames)
+    sizes, lengths = (buckets.sizes, buckets.frames) if buckets else ([tuple(size)], [frames])
+    check_fits_model(args.model_config, sizes, lengths)
 
 
 def _prepare_deepspeed_config(args) -> None:
