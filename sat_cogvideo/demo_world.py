@@ -7,8 +7,8 @@ colour of :data:`COLORS` moves by a few pixels per frame to the left, right, up 
 combinations never shown together in training (each of their colour, shape and direction is seen in other
 combinations); :data:`NEW_COLOR` is never shown at all (the LoRA demo teaches it).
 
-The oracle (:func:`describe`) finds the pixels far from the background, names their mean colour (nearest
-:data:`COLORS` entry, :data:`NEW_COLOR` included) and the direction of their centroid's motion from the first to
+The oracle (:func:`describe`) finds the pixels far from the background, names the mean colour of their core
+(:func:`core_color`; nearest :data:`COLORS` entry, :data:`NEW_COLOR` included) and the direction of their centroid's motion from the first to
 the last frames.  Ours: the original has no demo world; written here because it is a few lines of NumPy.
 """
 from __future__ import annotations
@@ -127,6 +127,15 @@ def foreground(frames: np.ndarray, threshold: float = 60.0) -> np.ndarray:
     return np.linalg.norm(frames - np.asarray(BACKGROUND, np.float32), axis=-1) > threshold
 
 
+def core_color(frames: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Mean colour of the shape's core: the foreground pixels at least as far from the background as the median
+    one.  A generated shape's rim blends into the dark background, and at 32x32 the rim is half the shape: its
+    mean would darken every colour toward the background (a dim cyan lies nearer green than cyan)."""
+    pixels = frames[fg]
+    dist = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1)
+    return pixels[dist >= np.median(dist)].mean(axis=0)
+
+
 def nearest_color(mean_rgb, names: Optional[Iterable[str]] = None) -> str:
     names = list(names) if names is not None else list(COLORS) + [NEW_COLOR[0]]
     dist = [np.linalg.norm(np.asarray(mean_rgb, np.float32) - np.asarray(rgb(n), np.float32)) for n in names]
@@ -134,14 +143,14 @@ def nearest_color(mean_rgb, names: Optional[Iterable[str]] = None) -> str:
 
 
 def describe(video, names: Optional[Iterable[str]] = None) -> dict:
-    """What a viewer sees: ``color`` (nearest palette name of the foreground's mean colour, None if no
+    """What a viewer sees: ``color`` (nearest palette name of the foreground core's mean colour, None if no
     foreground), ``direction`` (of the centroid from the first third of frames to the last third, None if it
     moves less than a pixel or the shape vanishes), ``shift`` (dx, dy) and ``mean_rgb``."""
     frames = _as_frames(video)
     fg = foreground(frames)
     if fg.sum() < 4:
         return {"color": None, "direction": None, "shift": (0.0, 0.0), "mean_rgb": None}
-    mean_rgb = frames[fg].mean(axis=0)
+    mean_rgb = core_color(frames, fg)
     yy, xx = np.mgrid[0:frames.shape[1], 0:frames.shape[2]]
     cents = [(float(xx[m].mean()), float(yy[m].mean())) if m.sum() >= 2 else None for m in fg]
     k = max(1, len(cents) // 3)

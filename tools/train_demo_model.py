@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Train the demo model: a tiny CogVideoX that has learned a small visual world (sat_cogvideo/demo_world.py).
 
-    python tools/train_demo_model.py --output demo_model            # the committed model (seed 0)
+    python tools/train_demo_model.py --output demo_model            # the committed model (seed 0, iteration 3200)
 
-Steps, all seeded from ``--seed``:
+Steps, all seeded from ``--seed`` (scratch files in ``--work``: dataset, SAT run folders ``runs/``, logs, latent
+cache):
 
 1. data: ``--clips`` clips per training combination of colour x shape x direction (the held-out combinations and
    the new colour are never shown), written as a finetuning dataset ``<work>/dataset/{labels,videos}``;
@@ -12,10 +13,20 @@ Steps, all seeded from ``--seed``:
    scale factor of the model configs is 1 / (the latents' standard deviation), as CogVideoX's 0.7;
 3. T5: the frozen tiny T5 folder (random weights, ``sat_cogvideo.tiny_t5``) at ``<output>/t5``, its tokenizer
    trained on the demo's captions;
-4. DiTs: each model of ``--models`` trained from scratch by ``python -m sat_cogvideo.train_video`` (full SFT, SAT's
-   loop, DeepSpeed, ``mode: pretrain`` without ``load``), then its last ``mp_rank_00_model_states.pt`` copied to
+4. DiTs, stage 1: each model of ``--models`` trained from scratch for ``--dit-iters`` by
+   ``python -m sat_cogvideo.train_video`` (full SFT, SAT's loop, DeepSpeed, ``mode: pretrain`` without ``load``,
+   lr constant, clips VAE-encoded on the fly), then its last ``mp_rank_00_model_states.pt`` copied to
    ``<output>/<model>/transformer/<iter>/`` with ``latest``; the model config is ``<output>/<model>.yaml``;
-5. ``<output>/training.json``: the loss curves and timings (the README's table comes from it).
+5. DiTs, stage 2 (``--stage2-iters`` > 0): the same recipe (batch, lr, seed, data) in SAT's finetune mode with
+   ``load: <output>/<model>/transformer`` (stage 1's copy), ``warmup: --stage2-warmup`` and ``cache_latents:
+   <work>/latent_cache`` (clips encoded once), for ``--stage2-iters``; its last checkpoint replaces stage 1's copy,
+   tagged ``dit_iters + stage2_iters`` (the I2V DiT trains stage 2 on the fly: the cache refuses I2V);
+6. ``<output>/training.json``: the command, both stages' loss curves (stage 2's iterations continue stage 1's) and
+   timings; ``<output>/README.md``: only the block between ``<!-- curves:begin -->`` and ``<!-- curves:end -->``
+   is regenerated from it (the rest is written by hand; without a README or markers a minimal one is written).
+
+Stage 1 stays on the fly (as the committed stage 1 ran); on cached latents the loss is the same at micro-batch 1 and
+equal up to float rounding at batch 8 (the VAE encodes a batch at once).
 
 Ours: the original has no demo model.
 """
@@ -37,6 +48,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sat_cogvideo import demo_world as world  # noqa: E402
+from sat_cogvideo.atomic import atomic_write_text  # noqa: E402
+from sat_cogvideo.errors import UserError, run_cli  # noqa: E402
 
 ENV_VAR = "SAT_COGVIDEO_DEMO_MODEL"
 MODELS = {  # name -> (template config, DiT sizes)
@@ -117,7 +130,7 @@ def sft_config(work: str, args, name: str):
     a.train_iters = args.dit_iters
     a.save = os.path.join(work, "runs")
     a.save_interval = min(args.dit_iters, 50)  # models to look at while it trains (and to use if a run is cut short)
-    a.log_interval = 10
+    a.log_interval = log_interval(args.dit_iters)
     a.eval_interval = 10 ** 9
     a.train_data = [os.path.join(work, "dataset")]
     a.seed = args.seed
@@ -133,6 +146,29 @@ def sft_config(work: str, args, name: str):
     ds.gradient_clipping = 1.0
     ds.optimizer.params.lr = args.lr
     ds.optimizer.params.weight_decay = 0.0
+    return cfg
+
+
+def log_interval(iters: int) -> int:
+    """Every 10th iteration's loss (every one for a run of under 20 iterations: the tests' tiny runs)."""
+    return max(1, min(10, iters // 10))
+
+
+def stage2_config(work: str, out: str, args, name: str):
+    """Stage 2: the same recipe (batch, lr, seed, data) in SAT's finetune mode from stage 1's DiT (``load``), with
+    ``--stage2-warmup``, on latents cached in ``<work>/latent_cache``."""
+    cfg = sft_config(work, args, name)
+    a = cfg.args
+    a.experiment_name = f"{name}_stage2"  # its own run folder: SAT names runs by the minute
+    a.mode = "finetune"
+    a.load = os.path.join(out, name, "transformer")
+    a.train_iters = args.stage2_iters
+    a.save_interval = min(args.stage2_iters, 100)
+    a.log_interval = log_interval(args.stage2_iters)
+    a.warmup = args.stage2_warmup
+    a.num_workers = 0  # nothing to decode: the cache is read
+    if "i2v" not in name:  # latent_cache refuses image-to-video models (their first frame is noised in pixels)
+        a.cache_latents = os.path.join(work, "latent_cache")
     return cfg
 
 
@@ -192,146 +228,136 @@ def vae_psnr(vae, clips: torch.Tensor) -> float:
 LOSS_RE = re.compile(r"iteration\s+(\d+)\s*/\s*\d+.*?loss[^0-9]*([0-9.]+E[+-]\d+|[0-9.]+)", re.IGNORECASE)
 
 
-def train_dit(name: str, out: str, work: str, args) -> dict:
-    """Run ``sat_cogvideo.train_video`` on the model config; copy the final DiT into ``out/name/transformer``."""
+def run_train_video(name: str, cfg, out: str, work: str, args, offset: int = 0) -> dict:
+    """Run ``sat_cogvideo.train_video`` on ``<out>/<name>.yaml`` + ``cfg`` (log: ``<work>/train_<experiment>.log``).
+    Returns its loss curve (iterations shifted by ``offset``), its seconds and, with a latent cache, the seconds
+    until the cache was ready (the line ``prepare_cache`` prints)."""
     from omegaconf import OmegaConf
 
-    sft = os.path.join(work, f"sft_{name}.yaml")
-    OmegaConf.save(sft_config(work, args, name), sft)
+    label = cfg.args.experiment_name
+    sft = os.path.join(work, f"sft_{label}.yaml")
+    OmegaConf.save(cfg, sft)
     env = dict(os.environ, **{ENV_VAR: out, "OMP_NUM_THREADS": str(args.threads)})
     cmd = [sys.executable, "-m", "sat_cogvideo.train_video", "--base", os.path.join(out, f"{name}.yaml"), sft,
            "--device", "cpu"]
     print(">> " + " ".join(cmd), flush=True)
     t0 = time.time()
-    curve = []
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
-        log = open(os.path.join(work, f"train_{name}.log"), "w", encoding="utf-8")
+    result = {"curve": []}
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p, \
+            open(os.path.join(work, f"train_{label}.log"), "w", encoding="utf-8") as log:
         for line in p.stdout:
             log.write(line)
+            if "latent cache" in line and "videos found" in line:
+                result["cache_seconds"] = round(time.time() - t0, 1)
             m = LOSS_RE.search(line)
             if m:
-                curve.append((int(m.group(1)), float(m.group(2))))
-                print(f"{name} iteration {m.group(1)}: loss {float(m.group(2)):.4f}", flush=True)
-        log.close()
+                it, loss = int(m.group(1)) + offset, float(m.group(2))
+                result["curve"].append((it, loss))
+                print(f"{label} iteration {it}: loss {loss:.4f}", flush=True)
     if p.returncode:
-        raise SystemExit(f"error: train_video failed for {name} (see {work}/train_{name}.log)")
-    copy_final_checkpoint(os.path.join(work, "runs"), name, out)
-    return {"curve": curve, "seconds": round(time.time() - t0, 1)}
+        raise SystemExit(f"error: train_video failed for {label} (see {work}/train_{label}.log)")
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
 
 
-def copy_final_checkpoint(runs: str, name: str, out: str) -> None:
-    """The newest ``<runs>/<name>-*/<iter>/mp_rank_00_model_states.pt`` -> ``out/name/transformer/<iter>/``."""
-    run = sorted(d for d in os.listdir(runs) if d.startswith(name + "-"))[-1]
-    with open(os.path.join(runs, run, "latest")) as f:
-        tag = f.read().strip()
-    target = os.path.join(out, name, "transformer")
-    shutil.rmtree(target, ignore_errors=True)
-    os.makedirs(os.path.join(target, tag))
-    src = os.path.join(runs, run, tag, "mp_rank_00_model_states.pt")
+def train_dit(name: str, out: str, work: str, args) -> dict:
+    """Stage 1: the DiT from scratch; stage 2 (``--stage2-iters`` > 0): SAT's finetune mode from stage 1's copy on
+    cached latents.  Each stage's last checkpoint is copied into ``out/name/transformer`` (stage 2's replaces stage
+    1's, tagged dit_iters + stage2_iters); returns stage 1's report with stage 2's under ``"stage2"``."""
+    runs = os.path.join(work, "runs")
+    report = run_train_video(name, sft_config(work, args, name), out, work, args)
+    report["iteration"] = copy_final_checkpoint(runs, name, out, name)
+    if args.stage2_iters:
+        cfg = stage2_config(work, out, args, name)
+        stage2 = run_train_video(name, cfg, out, work, args, offset=report["iteration"])
+        stage2["iteration"] = copy_final_checkpoint(runs, cfg.args.experiment_name, out, name,
+                                                    offset=report["iteration"])
+        stage2.update(mode="finetune", warmup=args.stage2_warmup, cache_latents="cache_latents" in cfg.args)
+        report["stage2"] = stage2
+    return report
+
+
+def copy_final_checkpoint(runs: str, prefix: str, out: str, name: str, offset: int = 0) -> int:
+    """The newest ``<runs>/<prefix>-*/<iter>/mp_rank_00_model_states.pt`` (its ``module`` only) ->
+    ``out/name/transformer/<offset + iter>/`` with ``latest``; other tags there are removed.  Returns the tag."""
+    from sat_cogvideo.atomic import atomic_torch_save
     from sat_cogvideo.checkpoint import load_torch_file
 
-    state = load_torch_file(src, what="checkpoint")
-    torch.save({"module": state["module"]}, os.path.join(target, tag, "mp_rank_00_model_states.pt"))
-    with open(os.path.join(target, "latest"), "w") as f:
-        f.write(tag + "\n")
+    run = sorted(d for d in os.listdir(runs) if d.startswith(prefix + "-"))[-1]
+    with open(os.path.join(runs, run, "latest")) as f:
+        it = f.read().strip()
+    tag = str(int(it) + offset)
+    target = os.path.join(out, name, "transformer")
+    os.makedirs(os.path.join(target, tag), exist_ok=True)
+    state = load_torch_file(os.path.join(runs, run, it, "mp_rank_00_model_states.pt"), what="checkpoint")
+    atomic_torch_save({"module": state["module"]}, os.path.join(target, tag, "mp_rank_00_model_states.pt"))
+    atomic_write_text(os.path.join(target, "latest"), tag + "\n")
+    for old in os.listdir(target):
+        if old not in (tag, "latest"):
+            shutil.rmtree(os.path.join(target, old))
+    return int(tag)
 
 
 # -----------------------------------------------------------------------------------------------------------
-# README
+# README: only the training-curves block is regenerated (the rest of demo_model/README.md is written by hand)
 
 
-README_HEAD = """\
-# The demo model: a tiny CogVideoX that has learned a small visual world
+CURVES_BEGIN, CURVES_END = "<!-- curves:begin -->", "<!-- curves:end -->"
+MINIMAL_README = """\
+# A demo model: a tiny CogVideoX trained on a small visual world
 
-Made by `tools/train_demo_model.py` (every number below comes from `training.json`, written by that run):
+Made by `tools/train_demo_model.py` (`training.json` holds the losses and timings of the run):
 
 ```bash
 {command}
 ```
 
-**World** (`sat_cogvideo/demo_world.py`): {frames} frames of {size}x{size} pixels at {fps} fps; a filled circle or
-square of one colour ({colors}) moves {travel} to the left, right, up or down on a plain dark background; the
-caption reads "a red circle moving to the left".  Start, size and speed are drawn per clip from the seed.  The
-combinations {held_out} are never shown to the DiT (each word is, in other combinations); the colour "{new}" is
-never shown to it at all (the LoRA demo, `bash finetune.sh`, teaches it).  The VAE, the generic codec, is trained
-on clips of every colour and combination (as the real VAE has seen all kinds of images).  Training data: {clips} clips per combination
-({n_clips} clips), written as a finetuning dataset (`labels/N.txt`, `videos/N.mp4`).
-
-**Layout** (real SAT formats; `--load demo_model/cogvideox_5b/transformer` style paths):
-
-```
-demo_model/
-  cogvideox_5b.yaml            model config: 5B-style DiT (3D RoPE, v-prediction), hidden {hidden}, {layers} layers,
-                               {heads} heads, text length {text_len}; its T5 and VAE are found through
-                               ${{SAT_COGVIDEO_DEMO_MODEL}} (default: demo_model relative to the working folder)
-  cogvideox_5b_lora.yaml       the same with a rank-4 LoRA (the finetuning demo)
-  inference.yaml               sampling size 32x32, 3 latent frames, 8 fps
-  cogvideox_5b/transformer/latest, <iter>/mp_rank_00_model_states.pt   {{"module": model.diffusion_model.*}}
-  vae/3d-vae.pt                {{"state_dict": encoder.*, decoder.*}} (ch 32, ch_mult 1,1,1,1, z 16)
-  t5/                          the frozen tiny T5 v1.1 encoder folder (random weights, sat_cogvideo/tiny_t5.py)
-  training.json                losses and timings of the run
-```
-
-Generate: `bash inference.sh` (no arguments: "a red circle moving to the right"), or
-`python -m sat_cogvideo.demo --prompt "a yellow square moving up"`, or the full CLI:
-
-```bash
-SAT_COGVIDEO_DEMO_MODEL=demo_model bash inference.sh --base demo_model/cogvideox_5b.yaml demo_model/inference.yaml \\
-    --load demo_model/cogvideox_5b/transformer --prompt "a blue circle moving down" --output-path out.mp4 \\
-    --num-steps 10 --device cpu --preview
-```
-
-## Training
-
-1. VAE: the 3D causal VAE of `sat_cogvideo/vae_modules` (the real encoder/decoder classes) trained {vae_steps} steps
-   on L1 + 2·MSE reconstruction + {kl} · KL per pixel, AdamW one-cycle, batch {vae_batch}, mirrored clips.
-   Reconstruction PSNR {psnr} dB; latent standard deviation {std:.3f}, so `scale_factor` = {scale:.4f}.
-2. DiT: `python -m sat_cogvideo.train_video` (SAT's training loop, DeepSpeed ZeRO-2, EmaAdamW) from scratch
-   (`mode: pretrain`, no `load`), {dit_iters} iterations of batch {batch}, lr {lr} constant, the v-prediction loss
-   of the configs, 10% of captions dropped (classifier-free guidance).  Only the final `mp_rank_00_model_states.pt`
-   is kept (its `module`).
-
-Only the 5B-style text-to-video model is trained: on the shared 2-core machine one DiT already takes the whole
-time budget; the I2V and 1.5-style models would each need a run of their own.  `--models cogvideox_5b_i2v` runs
-the same recipe for the I2V DiT (not run for this folder, so untested).
-
-Timings (2 CPU cores shared with other jobs, 1 torch thread): data {data_s} s, VAE {vae_s} s, DiT {dit_s} s,
-total {total_s} s.
+The repository's `demo_model/README.md` describes the world, the layout and the recipe.
 
 ## Training curves
 
-| VAE step | L1 (pixels in [-1, 1]) |   | DiT iteration | loss |
-|---:|---:|---|---:|---:|
+{block}
 """
 
 
-def write_readme(out: str, report: dict, args) -> None:
-    """``<out>/README.md`` from the run's ``report`` (command, recipe, curves as a table)."""
-    from omegaconf import OmegaConf
+def _pick(curve, n: int):
+    """``n`` evenly spaced entries of ``curve`` (all of them when it is shorter), as tuples."""
+    return [tuple(curve[int(round(i))]) for i in np.linspace(0, len(curve) - 1, min(n, len(curve)))] if curve else []
 
-    net = OmegaConf.load(os.path.join(out, "cogvideox_5b.yaml")).model
-    p = net.network_config.params
-    vae = report.get("vae", {})
-    dit = report.get("cogvideox_5b", {})
-    text = README_HEAD.format(
-        command=report["command"], frames=world.FRAMES, size=world.SIZE, fps=world.FPS,
-        colors=", ".join(world.COLORS), travel="about a third of the frame", new=world.NEW_COLOR[0],
-        held_out=", ".join(f'"{world.caption(*c)}"' for c in world.HELD_OUT), clips=args.clips,
-        n_clips=args.clips * len(world.training_combinations()), hidden=p.hidden_size, layers=p.num_layers,
-        heads=p.num_attention_heads, text_len=TEXT_LENGTH, vae_steps=args.vae_steps, kl=args.kl_weight,
-        vae_batch=args.vae_batch, psnr=vae.get("psnr_db"), std=vae.get("latent_std", 0.0),
-        scale=float(net.scale_factor), dit_iters=args.dit_iters, batch=args.batch, lr=args.lr,
-        data_s=report.get("data_seconds"), vae_s=vae.get("seconds"), dit_s=dit.get("seconds"),
-        total_s=report.get("total_seconds"))
-    vcurve, dcurve = vae.get("curve", []), dit.get("curve", [])
-    pick = lambda c, n: [c[int(round(i))] for i in np.linspace(0, len(c) - 1, min(n, len(c)))] if c else []
-    vrows, drows = pick(vcurve, 10), pick(dcurve, 10)
+
+def curves_block(report: dict, name: str) -> str:
+    """The curves table of ``training.json``'s content: ten rows of the VAE's curve beside ten of the DiT's (stage
+    2's iterations continue stage 1's; with a stage 2 the last row of stage 1 is shown as well)."""
+    vae, dit = report.get("vae", {}), report.get(name, {})
+    stage2 = dit.get("stage2", {})
+    vrows = _pick(vae.get("curve", []), 10)
+    drows = _pick(list(dit.get("curve", [])) + list(stage2.get("curve", [])), 10)
+    if stage2 and dit.get("curve"):
+        drows = sorted(set(drows) | {tuple(dit["curve"][-1])})
+    lines = ["| VAE step | L1 (pixels in [-1, 1]) |   | DiT iteration | loss |", "|---:|---:|---|---:|---:|"]
     for i in range(max(len(vrows), len(drows))):
         v = f"{vrows[i][0]} | {vrows[i][1]:.4f}" if i < len(vrows) else " | "
         d = f"{drows[i][0]} | {drows[i][1]:.4f}" if i < len(drows) else " | "
-        text += f"| {v} |   | {d} |\n"
-    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
-        f.write(text)
+        lines.append(f"| {v} |   | {d} |")
+    if stage2:
+        lines += ["", f"DiT iterations 1-{dit.get('iteration')}: stage 1 (from scratch); "
+                      f"{dit.get('iteration', 0) + 1}-{stage2['iteration']}: stage 2 (finetune mode"
+                      f"{', cached latents' if stage2.get('cache_latents') else ''})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(out: str, report: dict, name: str) -> None:
+    """Replace what lies between the curves markers of ``<out>/README.md`` by :func:`curves_block`; without a
+    README or its markers, write a minimal one (the command and the curves)."""
+    path = os.path.join(out, "README.md")
+    block = f"{CURVES_BEGIN}\n\n{curves_block(report, name)}\n{CURVES_END}"
+    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    begin, end = text.find(CURVES_BEGIN), text.find(CURVES_END)
+    if 0 <= begin < end:
+        text = text[:begin] + block + text[end + len(CURVES_END):]
+    else:
+        text = MINIMAL_README.format(command=report["command"], block=block)
+    atomic_write_text(path, text)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -350,7 +376,10 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=3)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-3)
-    p.add_argument("--dit-iters", type=int, default=400)
+    p.add_argument("--dit-iters", type=int, default=600, help="stage 1: DiT iterations from scratch")
+    p.add_argument("--stage2-iters", type=int, default=2600,
+                   help="stage 2: finetune-mode iterations from stage 1's DiT on cached latents (0: no stage 2)")
+    p.add_argument("--stage2-warmup", type=float, default=0.02, help="stage 2's warmup (fraction of its iterations)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -431,8 +460,19 @@ def write_configs(out: str, models, scale_factor: float) -> None:
         f.write(INFERENCE_YAML)
 
 
+def check_args(args) -> None:
+    if args.dit_iters < 1 or args.stage2_iters < 0:
+        raise UserError(f"--dit-iters {args.dit_iters} / --stage2-iters {args.stage2_iters}: stage 1 needs at least "
+                        "one iteration and stage 2 none or more; pass counts >= 1 and >= 0")
+    if not 0.0 <= args.stage2_warmup <= 1.0:
+        raise UserError(f"--stage2-warmup {args.stage2_warmup}: it is a fraction of stage 2's iterations; pass a "
+                        "value in [0, 1]")
+
+
+@run_cli
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_args(args)
     torch.set_num_threads(args.threads)
     out = os.path.abspath(args.output)
     cache = os.environ.get("SAT_COGVIDEO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sat-cogvideo")
@@ -453,15 +493,13 @@ def main(argv=None) -> int:
     shutil.rmtree(os.path.join(work, "runs"), ignore_errors=True)
     if not args.skip_vae:
         build_vae_and_configs(args, out, work, report)
-        with open(report_path, "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write_text(report_path, json.dumps(report, indent=1))
     build_t5(out, args.seed)
     for name in args.models:
         report[name] = train_dit(name, out, work, args)
-    report["total_seconds"] = round(time.time() - t0, 1)
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=1)
-    write_readme(out, report, args)
+        report["total_seconds"] = round(time.time() - t0, 1)
+        atomic_write_text(report_path, json.dumps(report, indent=1))
+    write_readme(out, report, args.models[0])
     print(f"done in {report['total_seconds']} s -> {out}", flush=True)
     return 0
 
