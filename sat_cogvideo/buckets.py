@@ -117,7 +117,7 @@ class BucketBatchSampler:
             for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.keys)):
                 key, i = self.keys[i], int(i)
                 batches = open_batches.setdefault(key, [])
-                target = next((b for b in batches if i not in b or sizes[key] < full), None)
+                target = next((b for b in batches if len(b) < full and (i not in b or sizes[key] < full)), None)
                 if target is None:
                     target = []
                     batches.append(target)

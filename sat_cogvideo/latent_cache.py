@@ -126,12 +126,17 @@ def _plain(cfg):
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(cfg)
 
 
-def latent_settings(model_config, data_params: dict, dtype: str, prints: Fingerprints) -> dict:
-    """Everything besides the video bytes that changes a video's latents."""
+def latent_settings(model_config, data_params: dict, dtype: str, prints: Fingerprints,
+                    vae_files: Optional[Sequence[str]] = None) -> dict:
+    """Everything besides the video bytes that changes a video's latents.  ``vae_files``: where the VAE weights
+    come from when not from ``ckpt_path`` (a diffusers pipeline's ``vae/`` files)."""
     fs = _plain(model_config.first_stage_config)
     params = dict(fs.get("params") or {})
     ckpt = params.get("ckpt_path")
-    vae = prints.file(ckpt) if ckpt and os.path.isfile(ckpt) else None
+    if vae_files:
+        vae = [prints.file(f) for f in vae_files]
+    else:
+        vae = prints.file(ckpt) if ckpt and os.path.isfile(ckpt) else None
     return {"v": VERSION, "kind": "latents", "dtype": dtype, "vae_weights": vae,
             "vae": {k: params.get(k) for k in ("encoder_config", "regularizer_config", "cp_size")},
             "target": fs.get("target"), "autocast": not bool(model_config.get("disable_first_stage_autocast", False)),
@@ -227,6 +232,11 @@ class CachedPosterior(nn.Module):
         self.vae_config = vae_config
         self.sample = bool(sample)
         self.__dict__["_vae"] = None
+        self.__dict__["_loaders"] = []
+
+    def defer_load(self, load) -> None:
+        """Call ``load(vae)`` when the real VAE is built (its weights from elsewhere than ``ckpt_path``)."""
+        self.__dict__["_loaders"].append(load)
 
     @property
     def vae(self):
@@ -234,6 +244,8 @@ class CachedPosterior(nn.Module):
             from sgm.util import instantiate_from_config
 
             vae = instantiate_from_config(self.vae_config, where="model.first_stage_config").eval()
+            for load in self.__dict__["_loaders"]:
+                load(vae)
             for p in vae.parameters():
                 p.requires_grad_(False)
             self.__dict__["_vae"] = vae
@@ -383,6 +395,9 @@ class _Encoders:
         from sgm.util import instantiate_from_config
 
         module = instantiate_from_config(config, where=where).eval()
+        source = getattr(self.args, "model_source", None)
+        if source is not None and where == "model.first_stage_config":
+            source.load_vae_into(module)  # --load <diffusers pipeline>: its VAE (the config names no 3d-vae.pt)
         for p in module.parameters():
             p.requires_grad_(False)
         self.built.append(where)
@@ -465,7 +480,8 @@ def _prepare(args, data_class, params: dict) -> dict:
     os.makedirs(root, exist_ok=True)
     store, prints = CacheStore(root), Fingerprints(root)
     dtype = str(_dtype(args)).replace("torch.", "")
-    lat = latent_settings(args.model_config, params, dtype, prints)
+    source = getattr(args, "model_source", None)
+    lat = latent_settings(args.model_config, params, dtype, prints, source.vae_files() if source else None)
     txt = text_settings(args.model_config.conditioner_config.params.emb_models[0], dtype, prints)
     enc, found, written, total, datasets = _Encoders(args), 0, 0, 0, {}
     for folder in dict.fromkeys(list(args.train_data or []) + list(args.valid_data or [])):

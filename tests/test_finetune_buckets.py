@@ -123,6 +123,8 @@ def test_sampler_batches_come_from_one_bucket_on_every_rank_and_repeat_by_seed()
         assert len(set(a + b)) == 4 or keys[a[0]] == (5, 64, 96)  # repeats only where a bucket is too small
         seen |= set(a) | set(b)
     assert seen == set(range(len(keys)))
+    groups = [g for _, g in zip(range(200), ranks[0].global_batches())]
+    assert all(len(g) == 4 for g in groups)  # no step over- or under-filled
     assert first(BucketBatchSampler(keys, batch_size=2, rank=0, world_size=2, seed=3)) == steps[0]
     assert first(BucketBatchSampler(keys, batch_size=2, rank=0, world_size=2, seed=4)) != steps[0]
     assert len(ranks[0]) == 10

@@ -165,3 +165,24 @@ def test_zero3_two_processes_train_and_resume_bit_exactly(demo, tmp_path, monkey
     ema_b = load_torch_file(os.path.join(b_run, "3-ema", "mp_rank_00_model_states.pt"))["module"]
     assert ema_a.keys() == a_sd.keys() and same_tensors(ema_a, ema_b) == []
     assert not torch.equal(ema_a[changed[0]], a_sd[changed[0]])
+
+
+@pytest.mark.slow  # two 2-process training runs (about 1.5 min on 2 cores)
+def test_zero3_offload_moves_states_not_numbers(demo, tmp_path, monkeypatch):
+    """configs/sft_zero3_offload.yaml (optimizer and parameters offloaded to the CPU, the EMA optimizer kept) trains
+    to the weights of configs/sft_zero3.yaml: offloading changes where the states live, not the arithmetic."""
+    monkeypatch.setenv("SAT_COGVIDEO_DEMO", demo)
+    common = ["--base", FULL, SFT, "--train-iters", "2", "--save-interval", "2", "--seed", "9", "--lr", "0.01"]
+    offload = os.path.join(ROOT, "configs", "sft_zero3_offload.yaml")
+    states = {}
+    for name, config in (("plain", ZERO3), ("offload", offload)):
+        out = run_train(demo, common[:3] + [config] + common[3:] + ["--save", tmp_path / name], nproc=2)
+        run = run_folder(tmp_path / name)
+        states[name] = load_torch_file(os.path.join(run, "2", "mp_rank_00_model_states.pt"))["module"]
+        if name == "offload":
+            assert "offload_optimizer" in (out.stdout + out.stderr)  # DeepSpeed printed the offload config it ran
+    base = load_torch_file(os.path.join(demo, "cogvideox_2b", "transformer", "1", "mp_rank_00_model_states.pt"))
+    changed = [k for k in base["module"] if k in states["plain"] and not torch.equal(states["plain"][k],
+                                                                                         base["module"][k])]
+    assert len(changed) >= 0.9 * len(states["plain"])
+    assert same_tensors(states["plain"], states["offload"]) == []

@@ -405,7 +405,8 @@ def test_peak_rss_of_loading_a_diffusers_transformer(tmp_path, pipelines):
 @pytest.mark.slow(reason="two tiny LoRA finetuning runs (~1 min each on 2 cores)")
 def test_finetune_load_takes_a_pipeline_folder(demo_paths, tmp_path):
     """One LoRA iteration from a diffusers pipeline folder ends in the same engine state, bit for bit, as from the
-    SAT folder it was converted from (T5 and VAE taken from the pipeline, DiT and VAE streamed in)."""
+    SAT folder it was converted from (T5 and VAE taken from the pipeline, DiT and VAE streamed in); so does a run
+    on a latent cache filled from the pipeline (its VAE encodes: the config names no 3d-vae.pt)."""
     from helpers import run_train
     from sat_cogvideo.convert.pipeline import convert_sat_to_diffusers
     from sat_cogvideo.demo import build_demo_dataset
@@ -417,15 +418,19 @@ def test_finetune_load_takes_a_pipeline_folder(demo_paths, tmp_path):
                              config=os.path.join(tiny, "cogvideox_5b.yaml"), text_encoder_path=demo_paths["t5"],
                              log=lambda m: None)
     states = []
-    for name, load in (("sat", demo_paths["cogvideox_5b"]), ("hf", pipe)):
+    cached = ["--cache-latents", str(tmp_path / "cache")]
+    for name, load, extra in (("sat", demo_paths["cogvideox_5b"], []), ("hf", pipe, []), ("cached", pipe, cached)):
         save, dump = tmp_path / name / "ckpts", tmp_path / name / "final.pt"
         save.parent.mkdir()
-        run_train(demo_paths["folder"], ["--base", os.path.join(tiny, "cogvideox_5b_lora.yaml"),
-                                         os.path.join(tiny, "sft.yaml"), "--load", load, "--save", save,
-                                         "--train-iters", "1", "--save-interval", "1", "--seed", "4", "--lr", "0.05"],
-                  SAT_COGVIDEO_FINAL_STATE=dump)
+        out = run_train(demo_paths["folder"], ["--base", os.path.join(tiny, "cogvideox_5b_lora.yaml"),
+                                               os.path.join(tiny, "sft.yaml"), "--load", load, "--save", save,
+                                               "--train-iters", "1", "--save-interval", "1", "--seed", "4", "--lr",
+                                               "0.05", *extra], SAT_COGVIDEO_FINAL_STATE=dump)
         states.append(torch.load(dump))
-    a, b = states
+    assert "0 of 2 videos found, 4 entries written by rank 0" in out.stdout + out.stderr
+    a, b, c = states
+    lora = [k for k in a if ".matrix_" in k]
+    assert lora and [k for k in lora if not torch.equal(a[k], c[k])] == []  # cached latents of the pipeline's VAE
     assert a.keys() == b.keys() and any(".matrix_A." in k for k in a)
     differ = sorted(k for k in a if not torch.equal(a[k], b[k]))
     # SAT's unused absolute position table: the demo's SAT file stores random values for it, a diffusers pipeline

@@ -259,15 +259,30 @@ class DiffusersSource:
         """Fill the engine's DiT and VAE from the pipeline's files (streamed, module docstring)."""
         from sat_cogvideo.convert.safetensors_io import weight_files
         from sat_cogvideo.convert.transformer import diffusers_key_placement
-        from sat_cogvideo.convert.vae import diffusers_to_sat_key
 
         dit = engine.model.diffusion_model
         known = dit.known_unused_keys() if hasattr(dit, "known_unused_keys") else set()
         stream_load(dit, weight_files(self.folder.part("transformer"), WEIGHTS), diffusers_key_placement,
                     known_unused=known, source=f"transformer of {self.where}")
+        first = engine.first_stage_model
+        if hasattr(first, "defer_load"):  # training on cached latents: the VAE is built only to decode
+            first.defer_load(self.load_vae_into)
+        else:
+            self.load_vae_into(first)
+
+    def vae_files(self) -> list:
+        """The pipeline's VAE weight files (what a latent cache entry's key fingerprints)."""
+        from sat_cogvideo.convert.safetensors_io import weight_files
+
+        return list(weight_files(self.folder.part("vae"), WEIGHTS))
+
+    def load_vae_into(self, first_stage_model) -> None:
+        """Fill a SAT first-stage module (``first_stage_config``'s class) from the pipeline's VAE files."""
+        from sat_cogvideo.convert.vae import diffusers_to_sat_key
+
         levels = len(self.vae_config["block_out_channels"])
-        stream_load(engine.first_stage_model, weight_files(self.folder.part("vae"), WEIGHTS),
-                    lambda key: (diffusers_to_sat_key(key, levels), 1, (0,)), source=f"VAE of {self.where}")
+        stream_load(first_stage_model, self.vae_files(), lambda key: (diffusers_to_sat_key(key, levels), 1, (0,)),
+                    source=f"VAE of {self.where}")
 
 
 class _nullcontext:
