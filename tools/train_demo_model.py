@@ -18,7 +18,7 @@ cache):
    lr constant, clips VAE-encoded on the fly), then its last ``mp_rank_00_model_states.pt`` copied to
    ``<output>/<model>/transformer/<iter>/`` with ``latest``; the model config is ``<output>/<model>.yaml``;
 5. DiTs, stage 2 (``--stage2-iters`` > 0): the same recipe (batch, lr, seed, data) in SAT's finetune mode with
-   ``load: <output>/<model>/transformer`` (stage 1's copy), ``warmup: --stage2-warmup`` and ``cache_latents:
+   ``load: <output>/<model>/transformer`` (stage 1's copy), ``--stage2-warmup-iters`` of warm-up and ``cache_latents:
    <work>/latent_cache`` (clips encoded once), for ``--stage2-iters``; its last checkpoint replaces stage 1's copy,
    tagged ``dit_iters + stage2_iters`` (the I2V DiT trains stage 2 on the fly: the cache refuses I2V);
 6. ``<output>/training.json``: the command, both stages' loss curves (stage 2's iterations continue stage 1's) and
@@ -156,7 +156,7 @@ def log_interval(iters: int) -> int:
 
 def stage2_config(work: str, out: str, args, name: str):
     """Stage 2: the same recipe (batch, lr, seed, data) in SAT's finetune mode from stage 1's DiT (``load``), with
-    ``--stage2-warmup``, on latents cached in ``<work>/latent_cache``."""
+    ``--stage2-warmup-iters``, on latents cached in ``<work>/latent_cache``."""
     cfg = sft_config(work, args, name)
     a = cfg.args
     a.experiment_name = f"{name}_stage2"  # its own run folder: SAT names runs by the minute
@@ -165,7 +165,8 @@ def stage2_config(work: str, out: str, args, name: str):
     a.train_iters = args.stage2_iters
     a.save_interval = min(args.stage2_iters, 100)
     a.log_interval = log_interval(args.stage2_iters)
-    a.warmup = args.stage2_warmup
+    # SAT's warmup is a fraction of train_iters (at most all of them)
+    a.warmup = min(args.stage2_warmup_iters, args.stage2_iters) / args.stage2_iters
     a.num_workers = 0  # nothing to decode: the cache is read
     if "i2v" not in name:  # latent_cache refuses image-to-video models (their first frame is noised in pixels)
         a.cache_latents = os.path.join(work, "latent_cache")
@@ -272,7 +273,7 @@ def train_dit(name: str, out: str, work: str, args) -> dict:
         stage2 = run_train_video(name, cfg, out, work, args, offset=report["iteration"])
         stage2["iteration"] = copy_final_checkpoint(runs, cfg.args.experiment_name, out, name,
                                                     offset=report["iteration"])
-        stage2.update(mode="finetune", warmup=args.stage2_warmup, cache_latents="cache_latents" in cfg.args)
+        stage2.update(mode="finetune", warmup_iters=args.stage2_warmup_iters, cache_latents="cache_latents" in cfg.args)
         report["stage2"] = stage2
     return report
 
@@ -379,7 +380,8 @@ def parse_args(argv=None):
     p.add_argument("--dit-iters", type=int, default=600, help="stage 1: DiT iterations from scratch")
     p.add_argument("--stage2-iters", type=int, default=2600,
                    help="stage 2: finetune-mode iterations from stage 1's DiT on cached latents (0: no stage 2)")
-    p.add_argument("--stage2-warmup", type=float, default=0.02, help="stage 2's warmup (fraction of its iterations)")
+    p.add_argument("--stage2-warmup-iters", type=int, default=60,
+                   help="stage 2's linear warm-up in iterations (the committed run: 0.02 of train_iters 3000)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -464,9 +466,8 @@ def check_args(args) -> None:
     if args.dit_iters < 1 or args.stage2_iters < 0:
         raise UserError(f"--dit-iters {args.dit_iters} / --stage2-iters {args.stage2_iters}: stage 1 needs at least "
                         "one iteration and stage 2 none or more; pass counts >= 1 and >= 0")
-    if not 0.0 <= args.stage2_warmup <= 1.0:
-        raise UserError(f"--stage2-warmup {args.stage2_warmup}: it is a fraction of stage 2's iterations; pass a "
-                        "value in [0, 1]")
+    if args.stage2_warmup_iters < 0:
+        raise UserError(f"--stage2-warmup-iters {args.stage2_warmup_iters}: pass 0 or more iterations")
 
 
 @run_cli
