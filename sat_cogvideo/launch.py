@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T5_FOLDER_NAMES = ("t5-v1_1-xxl", "t5", "text_encoder", "google/t5-v1_1-xxl")
 
 # The script's variables that this module reads (the environment interface of slurm_inference.sh).
-VARIABLES = ("MODEL_PATH", "FAMILY", "MODEL_CONFIG", "T5_PATH", "VAE_PATH", "LORA_PATH", "PROMPT", "PROMPT_FILE",
+VARIABLES = ("MODEL_PATH", "REVISION", "FAMILY", "MODEL_CONFIG", "T5_PATH", "VAE_PATH", "LORA_PATH", "PROMPT", "PROMPT_FILE",
              "PROMPT_LINE", "OUTPUT_PATH", "OUTPUT_DIR", "IMAGE_OR_VIDEO_PATH", "GENERATE_TYPE", "NUM_FRAMES",
              "NUM_STEPS", "GUIDANCE_SCALE", "DTYPE", "FPS", "SEED", "SAMPLER", "STRENGTH", "DEVICE", "JOB_ID",
              "JOB_YAML", "OVERWRITE")
@@ -71,17 +71,21 @@ def _transformer_file(transformer: str, what: str) -> str:
     return str(checkpoint_file(transformer))
 
 
-def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "") -> ModelFolder:
+def find_model_folder(model_path: str, t5_path: str = "", vae_path: str = "", revision: str = "") -> ModelFolder:
     """The parts of a SAT model folder: ``MODEL_PATH`` is the folder holding ``transformer/``, ``vae/`` and the T5
-    folder, or the ``transformer`` folder itself (the other two are then looked for next to it)."""
+    folder, or the ``transformer`` folder itself (the other two are then looked for next to it); or a diffusers
+    pipeline folder or Hugging Face id (``REVISION``: a branch, tag or commit of the id)."""
     if not model_path:
         raise UserError("MODEL_PATH is empty: set it to a CogVideoX SAT folder (transformer/, vae/3d-vae.pt, "
                         "t5-v1_1-xxl/)")
     from sat_cogvideo import hub
 
     if hub.is_pipeline_path(model_path):  # a diffusers pipeline folder or a Hugging Face id (resolved, checked)
-        pipe = hub.resolve(os.path.expanduser(model_path), what="MODEL_PATH")
+        pipe = hub.resolve(os.path.expanduser(model_path), revision or None, what="MODEL_PATH")
         return ModelFolder(pipe.root, pipe.root, pipe.part("transformer"), pipe.part("vae"), pipe.part("text_encoder"))
+    if revision:
+        raise UserError(f"REVISION {revision} applies to Hugging Face ids, but MODEL_PATH {model_path} is a SAT "
+                        f"folder: unset REVISION")
     from sat_cogvideo.checkpoint import not_sat_reason
 
     path = os.path.abspath(os.path.expanduser(model_path))
@@ -459,7 +463,8 @@ def resolve(env: Mapping[str, str], write_yaml: bool = True) -> Launch:
     from sat_cogvideo.families import detect_from_state_dict
 
     notes: List[str] = []
-    folder = find_model_folder(_get(env, "MODEL_PATH"), _get(env, "T5_PATH"), _get(env, "VAE_PATH"))
+    folder = find_model_folder(_get(env, "MODEL_PATH"), _get(env, "T5_PATH"), _get(env, "VAE_PATH"),
+                               _get(env, "REVISION"))
     detected = detect_from_state_dict(read_checkpoint_state(folder.checkpoint))
     profile = resolve_profile(detected, _get(env, "FAMILY"), _get(env, "MODEL_CONFIG"))
     gtype = _generate_type(env, profile, notes)

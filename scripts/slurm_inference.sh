@@ -54,6 +54,7 @@ PROMPT_FILE="${PROMPT_FILE:-}"                    # one prompt per line ("prompt
 PROMPT_LINE="${PROMPT_LINE:-}"                    # with PROMPT_FILE: generate this 0-based line only (job arrays)
 OUTPUT_DIR="${OUTPUT_DIR:-}"                      # PROMPT_FILE outputs: <dir>/<line>_<prompt>/0/000000.mp4
 MODEL_CONFIG="${MODEL_CONFIG:-}"                  # a model YAML for a checkpoint of non-released size
+REVISION="${REVISION:-}"                          # branch, tag or commit of a Hugging Face MODEL_PATH
 T5_PATH="${T5_PATH:-}"                            # T5 folder when it is not inside MODEL_PATH
 VAE_PATH="${VAE_PATH:-}"                          # 3d-vae.pt when it is not MODEL_PATH/vae/3d-vae.pt
 SAMPLER="${SAMPLER:-}"                            # dpm (default) or ddim
@@ -120,7 +121,7 @@ PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 echo "job ${JOB_ID} on $(hostname) at $(date -u +%FT%TZ), restart ${SLURM_RESTART_COUNT:-0}, tasks ${SLURM_NTASKS:-1}"
 
 # ---- the guide's rules, checked before anything is computed --------------------------------------------------
-export MODEL_PATH LORA_PATH PROMPT PROMPT_FILE PROMPT_LINE OUTPUT_PATH OUTPUT_DIR IMAGE_OR_VIDEO_PATH GENERATE_TYPE \
+export MODEL_PATH REVISION LORA_PATH PROMPT PROMPT_FILE PROMPT_LINE OUTPUT_PATH OUTPUT_DIR IMAGE_OR_VIDEO_PATH GENERATE_TYPE \
   NUM_FRAMES NUM_STEPS GUIDANCE_SCALE DTYPE FPS SEED FAMILY MODEL_CONFIG T5_PATH VAE_PATH SAMPLER STRENGTH DEVICE \
   OVERWRITE JOB_ID COMPILE WEIGHTS_DTYPE OFFLOAD ATTENTION CACHE \
   SP_SIZE CFG_PARALLEL ULYSSES_DEGREE RING_DEGREE PARALLEL_VAE NPROC LAUNCHER

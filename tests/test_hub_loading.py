@@ -286,6 +286,32 @@ def test_partial_cache_and_foreign_repository_are_one_line(pipelines, tmp_path, 
     assert hub.resolve("org/full").root == snap
 
 
+def test_cluster_revision_pins_a_hub_id(pipelines, tmp_path):
+    """REVISION (slurm_inference.sh) reaches the Hub lookup of MODEL_PATH: the cached commit resolves offline,
+    another commit is one line naming it, and REVISION with a SAT folder is refused."""
+    pipe, sat = pipelines("cogvideox_5b")
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = _hub_cache(tmp_path / "home", "tiny-org/CogVideoX-tiny", pipe, revision=rev)
+    env = clean_env(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, PROMPT="a cat",
+                    MODEL_PATH="tiny-org/CogVideoX-tiny", JOB_YAML=str(tmp_path / "job.yaml"))
+    env.pop("HF_HUB_CACHE", None)
+
+    def check(**extra):
+        return subprocess.run([PY, "-m", "sat_cogvideo.launch", "--check"], env={**env, **extra}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = check(REVISION=rev)
+    assert ok.returncode == 0 and snap in ok.stdout, ok.stderr[-2000:]  # the pinned snapshot is loaded
+    other = check(REVISION="f" * 40)
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1 and "f" * 40 in lines[0], other.stderr[-2000:]
+    from sat_cogvideo import launch
+    from sat_cogvideo.errors import UserError
+
+    with pytest.raises(UserError, match=f"REVISION {rev} applies to Hugging Face ids, but MODEL_PATH .* is a SAT"):
+        launch.find_model_folder(sat, revision=rev)
+
+
 def test_cluster_model_path_takes_a_pipeline_folder(pipelines, tmp_path):
     """MODEL_PATH = a diffusers folder: the family is detected from its transformer's header and the job's
     sample_video arguments load the pipeline."""
