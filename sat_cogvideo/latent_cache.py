@@ -395,9 +395,6 @@ class _Encoders:
         from sgm.util import instantiate_from_config
 
         module = instantiate_from_config(config, where=where).eval()
-        source = getattr(self.args, "model_source", None)
-        if source is not None and where == "model.first_stage_config":
-            source.load_vae_into(module)  # --load <diffusers pipeline>: its VAE (the config names no 3d-vae.pt)
         for p in module.parameters():
             p.requires_grad_(False)
         self.built.append(where)
@@ -409,6 +406,9 @@ class _Encoders:
         mc = self.args.model_config
         if self.vae is None:
             self.vae = self._make(mc.first_stage_config, "model.first_stage_config")
+            source = getattr(self.args, "model_source", None)
+            if source is not None:  # --load <diffusers pipeline>: its VAE (the config names no 3d-vae.pt)
+                source.load_vae_into(self.vae)
         x = pixels[None].to(device=self.args.device, dtype=_dtype(self.args)).permute(0, 2, 1, 3, 4).contiguous()
         enabled = not bool(mc.get("disable_first_stage_autocast", False))
         with torch.autocast(torch.device(self.args.device).type, enabled=enabled):

@@ -164,11 +164,6 @@ def test_finetune_cli_refuses_resolution_buckets_for_the_2b_before_loading(bucke
 # ------------------------------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def demo(demo_paths):
-    return demo_paths
-
-
 def train_buckets(demo, data, tmp_path, name, run, *extra):
     """A 4-iteration tiny 5B LoRA run (saves at 2 and 4) into ``tmp_path/name``; the log, the save folder and the
     batch shapes the engine saw in this process (``run`` names the record)."""
@@ -185,7 +180,8 @@ def train_buckets(demo, data, tmp_path, name, run, *extra):
 
 
 @pytest.mark.slow  # four tiny 5B LoRA runs with mp4 decoding (about 1.5 min on 2 cores)
-def test_bucketed_run_trains_resumes_bit_exactly_and_equals_its_cached_run(demo, bucket_data, tmp_path):
+def test_bucketed_run_trains_resumes_bit_exactly_and_equals_its_cached_run(demo_paths, bucket_data, tmp_path):
+    demo = demo_paths
     _, _, shapes = train_buckets(demo, bucket_data, tmp_path, "a", "a")
     # every batch: 2 videos of one bucket ([B, F, C, H, W] pixels); all four buckets within 4 steps is luck of
     # seed 5, so only both sizes and both lengths are asserted
