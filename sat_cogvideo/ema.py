@@ -34,11 +34,13 @@ def add_ema_args(parser):
 
 
 def _link_optimizer_state(engine) -> None:
-    """ZeRO-1/2 link the optimizer-state fragments of each parameter lazily at their first step; a resumed run
-    that saves before stepping would find none."""
+    """ZeRO-1/2 link each parameter to its optimizer-state fragments once, right after the first parameter group's
+    first step: the other groups (SAT's no-weight-decay group of a full finetune) have no state yet then, and a
+    resumed run that saves before stepping has none at all.  Link again, now that every group holds its state."""
     opt = getattr(engine, "optimizer", None)
     link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
+        opt._hp_optimizer_states_linked = False
         link()
 
 

@@ -106,6 +106,8 @@ class EmaAdamW(torch.optim.Optimizer):
         shadow = d * shadow + (1 - d) * p      (shadow starts as p)
 
     The math runs in float32; state tensors have the parameter's dtype (under ZeRO, the fp32 master partition).
+    ``k`` counts ``step()`` calls: ZeRO-1/2 steps each parameter group on its own, so a full finetune (weights; biases
+    and norms) advances ``k`` twice per iteration, as the original's ``FusedEmaAdam`` under DeepSpeed.
     ``copy_to()``, ``store(params)`` and ``restore(params)`` as the original.
     """
 

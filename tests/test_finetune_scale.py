@@ -128,6 +128,31 @@ def same_tensors(a, b, where="") -> list:
     return []
 
 
+@pytest.mark.slow  # one training run (about 30 s on 2 cores)
+def test_zero2_full_finetune_ema_covers_every_parameter_group(demo, tmp_path, monkeypatch):
+    """A ZeRO-2 full finetune has two parameter groups (weights; biases and norms without weight decay).  DeepSpeed
+    links each parameter to its optimizer state once, after the first group's first step, when the second group
+    has none yet; --save-ema still writes the EMA of both groups.  shadow_1 = d p0 + (1 - d) p1 with
+    d = (1 + k) / (10 + k), k counting step() calls: DeepSpeed steps the groups one after the other, so the weights
+    see k = 1 (d = 2/11) and the biases and norms k = 2 (d = 3/12), as with the original's FusedEmaAdam."""
+    monkeypatch.setenv("SAT_COGVIDEO_DEMO", demo)
+    save = tmp_path / "z2"
+    run_train(demo, ["--base", FULL, SFT, "--train-iters", "1", "--save-interval", "1", "--seed", "9", "--lr", "0.01",
+                     "--save-ema", "--save", save])
+    run = run_folder(save)
+    ema = load_torch_file(os.path.join(run, "1-ema", "mp_rank_00_model_states.pt"))["module"]
+    trained = load_torch_file(os.path.join(run, "1", "mp_rank_00_model_states.pt"))["module"]
+    base = load_torch_file(os.path.join(demo, "cogvideox_2b", "transformer", "1", "mp_rank_00_model_states.pt"))
+    base = base["module"]
+    changed = [k for k in base if k in trained and not torch.equal(trained[k], base[k])]
+    no_decay = [k for k in changed if k.endswith(".bias") or "norm" in k]
+    weights = [k for k in changed if k not in no_decay]
+    assert len(no_decay) > 10 and len(weights) > 10
+    for keys, d in ((weights, 2 / 11), (no_decay, 3 / 12)):
+        for k in keys:
+            torch.testing.assert_close(ema[k], d * base[k] + (1 - d) * trained[k], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow  # three 2-process training runs (about 3-4 min on 2 cores)
 def test_zero3_two_processes_train_and_resume_bit_exactly(demo, tmp_path, monkeypatch):
     """Full finetuning with configs/sft_zero3.yaml on 2 processes (gloo): the run trains the whole DiT, its checkpoint
