@@ -127,3 +127,41 @@ def test_sampling_run_skips_steps_within_tolerance(demo_paths, capsys, kind):  #
     del engine.sample, engine.sample_from
     assert dit_of(engine).hooks["layer_forward"] == hook
     assert torch.equal(run(), plain)
+
+
+def _skipped_steps(cache):
+    """Record the evaluations ``cache`` skips (their 0-based index)."""
+    skipped, skip = [], cache._skip
+
+    def record(hidden):
+        skipped.append(cache.evaluations - 1)
+        return skip(hidden)
+
+    cache._skip = record
+    return skipped
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.9])  # the tiny random DiT's steps differ by 0.58-1.29 (measured)
+def test_fbcache_skips_the_steps_diffusers_skips(demo_paths, threshold):
+    """Our ``fbcache:<t>`` and diffusers' ``FirstBlockCacheConfig(threshold=t)`` on the same weights (the tiny 5B
+    DiT converted into CogVideoXTransformer3DModel), schedule, prompt embeddings and noise: the same steps are
+    skipped and the latents agree to float rounding.  Both measure the first block's residual on the video tokens
+    (a measure over the whole joint sequence, text included, skipped more steps at the same threshold)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from helpers import diffusers_pipeline, use_diffusers_schedule
+    from test_engine_diffusers import STEPS, ours, run_diffusers
+
+    engine = make_engine("cogvideox_5b", demo_paths, num_steps=STEPS)
+    pipe = diffusers_pipeline(engine, "t2v")
+    use_diffusers_schedule(engine, pipe.scheduler)
+    cache = step_cache.apply_step_cache(engine, "fbcache", threshold)
+    ours_skipped = _skipped_steps(cache)
+    z, _, c, uc, size = ours(engine, "t2v")
+    calls = []  # diffusers' block 1 runs on computed steps only
+    pipe.transformer.transformer_blocks[1].attn1.register_forward_pre_hook(lambda *a: calls.append(1))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    latents, _ = run_diffusers(pipe, "t2v", c, uc, size)
+    assert cache.evaluations == STEPS and len(ours_skipped) == STEPS - len(calls), (ours_skipped, len(calls))
+    assert (len(ours_skipped) > 0) == (threshold == 0.9), ours_skipped  # 0.05 computes every step, 0.9 skips
+    assert max_rel_err(z, latents) < 1e-4, max_rel_err(z, latents)

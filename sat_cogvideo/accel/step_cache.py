@@ -9,9 +9,9 @@ wrapped, so the model runs unchanged.
   ofs), ``d = mean|emb - emb_prev| / mean|emb_prev|``; the polynomial ``c0 d^4 + ... + c4`` of the family's
   calibration coefficients is accumulated while it stays under the threshold, and the whole layer stack is skipped
   meanwhile.  The first and the last step of a run are always computed.
-- First Block Cache (para-attn / diffusers ``FirstBlockCacheConfig``): layer 0 always runs; when its residual
-  differs from the one of the last computed step by less than the threshold (same relative L1 measure), layers
-  1..N-1 are skipped.
+- First Block Cache (para-attn / diffusers ``FirstBlockCacheConfig``): layer 0 always runs; when its residual on the
+  video tokens differs from the one of the last computed step by less than the threshold (same relative L1
+  measure), layers 1..N-1 are skipped (all tokens, text included, get the cached residual).
 
 Why written here rather than taken from diffusers: its cache hooks attach to diffusers transformer blocks (modules
 called as ``block(hidden, encoder_hidden, temb)``), and TeaCache ships as a patched diffusers ``forward``; SAT runs
@@ -116,7 +116,7 @@ class StepCache:
             i = layer_index(layer_id)
             call = functools.partial(hook, layer_id=layer_id, **kwargs)
             if i == 0:
-                return self._first_layer(call, hidden_states, (mask,) + args, kwargs["emb"])
+                return self._first_layer(call, hidden_states, (mask,) + args, kwargs["emb"], kwargs["text_length"])
             if self._skipping:
                 return hidden_states  # skipped layer: the cached residual was added at layer 0
             out = call(hidden_states, mask, *args)
@@ -126,7 +126,7 @@ class StepCache:
 
         return layer_forward
 
-    def _first_layer(self, call, hidden, args, emb):
+    def _first_layer(self, call, hidden, args, emb, text_length):
         self.evaluations += 1
         self.step += 1
         if self.kind == "teacache":
@@ -138,7 +138,8 @@ class StepCache:
             out = call(hidden, *args)
         else:
             out = call(hidden, *args)
-            first_residual = out - hidden
+            # the video tokens only: diffusers' blocks keep the text apart (encoder_hidden_states) and measure hidden_states
+            first_residual = (out - hidden)[:, text_length:]
             prev, self._prev = self._prev, first_residual
             if (prev is not None and prev.shape == first_residual.shape and self._residual_fits(out)
                     and rel_l1(first_residual, prev) < self.threshold):
