@@ -9,9 +9,12 @@ the plain run (exact options) or the bf16 run (low-bit, with weight bytes agains
   low-bit   ours fp8 / int8; diffusers: enable_layerwise_casting (fp8), torchao int8 weight-only (default filter)
 Quality section (an engine with its VAE: --model DIR, else the tiny random demo model): the decoded video of each
 lossy option against the plain video, PSNR and SSIM (scikit-image), DiT evaluations and skipped ones.
+FBCache section (same model): our ``--cache fbcache:<t>`` beside diffusers' First Block Cache
+(``FirstBlockCacheConfig(threshold=t)`` on the CogVideoXPipeline holding the same weights, same prompt embeddings
+and noise), each against its own uncached video; the two uncached videos against each other show it is one model.
 
     .venv/bin/python benchmarks/bench_options.py [--repeats 3] [--model demo_model] [--steps 20]
-        [--sections exact lowbit quality]
+        [--sections exact lowbit quality fbcache] [--fbcache 0.1 0.3 0.5]
 """
 from __future__ import annotations
 
@@ -217,10 +220,11 @@ def _video(argv, extra, prompt):
 
 
 def psnr_ssim(video, ref):
+    """PSNR (dB) and mean per-frame SSIM of two videos ``[F, 3, H, W]`` in [0, 1] (what ``sample_video.generate``
+    and diffusers' ``output_type="pt"`` give), compared as 8-bit frames."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    a = ((video.float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 3, 0).numpy()  # [T, H, W, C] 0..255
-    b = ((ref.float().clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 3, 0).numpy()
+    a, b = ((v.detach().float().clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy() for v in (video, ref))  # [F, H, W, 3]
     psnr = peak_signal_noise_ratio(b, a, data_range=255)
     ssim = statistics.mean(structural_similarity(b[t], a[t], channel_axis=-1, data_range=255)
                            for t in range(a.shape[0]))
@@ -248,6 +252,65 @@ def quality_rows(args):
             print(f"| {' '.join(extra)} | {t / t_ref:.2f} | {evals} | {psnr:.1f} | {ssim:.3f} |", flush=True)
 
 
+def _diffusers_video(pipe, c, uc, plan, steps, seed, threshold=None):
+    """diffusers' video ``[F, 3, H, W]`` in [0, 1], seconds, skipped steps (``threshold``: its First Block Cache)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from helpers import run_diffusers
+
+    tr = pipe.transformer
+    calls = []  # layer 1's attention runs only on computed steps
+    handle = tr.transformer_blocks[1].attn1.register_forward_pre_hook(lambda *a: calls.append(1))
+    if threshold is not None:
+        tr.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, video = run_diffusers(pipe, "t2v", c, uc, (plan.video_frames, plan.height, plan.width), seed, steps)
+        seconds = time.perf_counter() - t0
+    finally:
+        handle.remove()
+        if threshold is not None:
+            tr.disable_cache()
+    return video, seconds, steps - len(calls)
+
+
+def fbcache_rows(args):
+    import contextlib
+    import io
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers import diffusers_pipeline
+
+    from sat_cogvideo import rules, sample_video as sv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv, source = _model_argv(args, tmp)
+        argv = argv + ["--num-steps", str(args.steps)]
+        sargs = sv.parse_args(argv + ["--prompt", args.prompt, "--output-path", os.path.join(tmp, "unused.mp4")])
+        plan = sv.prepare(sargs)
+        with contextlib.redirect_stderr(io.StringIO()):
+            engine = sv.build_engine(sargs)
+            pipe = diffusers_pipeline(engine, "t2v")
+            c, uc = sv.conditionings(engine, args.prompt, torch.device("cpu"))
+            seed = rules.seed_for(sargs.seed, 0, 0)
+            ours_ref, to_ref, _ = _video(argv, [], args.prompt)
+            theirs_ref, td_ref, _ = _diffusers_video(pipe, c, uc, plan, args.steps, seed)
+        psnr, ssim = psnr_ssim(ours_ref, theirs_ref)
+        print(f"\nfbcache: model {source}; prompt {args.prompt!r}, {args.steps} DPM steps; uncached ours / diffusers "
+              f"{to_ref:.2f} s / {td_ref:.2f} s, ours against diffusers PSNR {psnr:.1f} dB, SSIM {ssim:.3f}")
+        print("| threshold | skipped of %d ours / diffusers | PSNR dB ours / diffusers | SSIM ours / diffusers "
+              "| time / uncached ours / diffusers |" % args.steps)
+        print("|---|---|---|---|---|")
+        for t in args.fbcache:
+            with contextlib.redirect_stderr(io.StringIO()):
+                ours, to, cache = _video(argv, ["--cache", f"fbcache:{t}"], args.prompt)
+                theirs, td, skipped = _diffusers_video(pipe, c, uc, plan, args.steps, seed, threshold=t)
+            (po, so), (pd, sd) = psnr_ssim(ours, ours_ref), psnr_ssim(theirs, theirs_ref)
+            print(f"| {t:g} | {cache.skipped} / {skipped} | {po:.1f} / {pd:.1f} | {so:.3f} / {sd:.3f} "
+                  f"| {to / to_ref:.2f} / {td / td_ref:.2f} |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
@@ -262,8 +325,10 @@ def main(argv=None):
     ap.add_argument("--prompt", default="a red circle moving to the left")
     ap.add_argument("--weights", nargs="*", default=["int8", "fp8"], help="low-bit rows of the quality section")
     ap.add_argument("--caches", nargs="*", default=["teacache:0.1", "teacache:0.3", "fbcache:0.1", "fbcache:0.3"])
+    ap.add_argument("--fbcache", nargs="*", type=float, default=[0.1, 0.3, 0.5],
+                    help="thresholds of the FBCache section (ours and diffusers')")
     ap.add_argument("--sections", nargs="*", default=["exact", "lowbit", "quality"],
-                    choices=["exact", "lowbit", "quality"])
+                    choices=["exact", "lowbit", "quality", "fbcache"])
     args = ap.parse_args(argv)
 
     from sat_cogvideo.distributed import init_distributed
@@ -277,6 +342,8 @@ def main(argv=None):
         dit_lowbit_rows(args)
     if "quality" in args.sections:
         quality_rows(args)
+    if "fbcache" in args.sections:
+        fbcache_rows(args)
 
 
 if __name__ == "__main__":
