@@ -147,10 +147,11 @@ def test_a_perturbed_sampler_is_caught(tmp_path, monkeypatch):
     assert rates[1] <= 0.5, rates  # the right formula: >= 0.9 (test_held_out_prompts_are_followed)
 
 
-@pytest.mark.slow  # reason: runs the whole recipe (data, VAE, T5, both DiT stages) at tiny counts, ~1-2 min
-def test_one_command_runs_both_stages(tmp_path):
-    """``tools/train_demo_model.py`` makes the final DiT in one command: stage 1 from scratch, stage 2 in finetune
-    mode from stage 1's copy on cached latents, tagged dit_iters + stage2_iters; training.json holds both curves;
+@pytest.mark.slow  # reason: runs the whole recipe (data, VAE, T5, the DiT on cached latents) at tiny counts, ~1 min
+def test_one_command_runs_the_recipe(tmp_path):
+    """``tools/train_demo_model.py`` makes the final DiT in one command: from scratch (``mode: pretrain``, no
+    ``load``) on cached latents, the EMA weights of its last checkpoint copied as ``transformer/<iter>``;
+    training.json holds the curve;
     the README keeps its hand-written text and only the block between the curves markers is regenerated."""
     import json
     import subprocess
@@ -164,37 +165,34 @@ def test_one_command_runs_both_stages(tmp_path):
     out.mkdir()
     (out / "README.md").write_text("# hand\nmeasured text\n<!-- curves:begin -->\nold table\n<!-- curves:end -->\ntail\n")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_demo_model.py"), "--output", str(out), "--work",
-           str(work), "--clips", "1", "--vae-steps", "2", "--dit-iters", "2", "--stage2-iters", "2", "--batch", "2"]
+           str(work), "--clips", "1", "--vae-steps", "2", "--dit-iters", "3", "--batch", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", SAT_COGVIDEO_DEMO_MODEL=str(out))
     run = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     tdir = out / "cogvideox_5b" / "transformer"
-    assert (tdir / "latest").read_text().strip() == "4" and sorted(os.listdir(tdir)) == ["4", "latest"]
-    final = load_torch_file(str(tdir / "4" / "mp_rank_00_model_states.pt"))["module"]
+    assert (tdir / "latest").read_text().strip() == "3" and sorted(os.listdir(tdir)) == ["3", "latest"]
+    final = load_torch_file(str(tdir / "3" / "mp_rank_00_model_states.pt"))["module"]
     assert final and all(k.startswith("model.diffusion_model.") for k in final)
-    runs = {d.rsplit("-", 4)[0]: work / "runs" / d for d in os.listdir(work / "runs")}
-    stage1 = load_torch_file(str(runs["cogvideox_5b"] / "2" / "mp_rank_00_model_states.pt"))["module"]
-    stage2 = load_torch_file(str(runs["cogvideox_5b_stage2"] / "2" / "mp_rank_00_model_states.pt"))["module"]
-    assert set(stage1) == set(final) and all(torch.equal(final[k], stage2[k]) for k in final)  # the copy is stage 2's
-    assert any(not torch.equal(final[k], stage1[k]) for k in final)  # ... and stage 2 trained
-    # from stage 1's weights: two steps at SAT's finetune warm-up lr (5% of 0.002) move a weight by <= ~2e-4 (measured
-    # 2.0e-4); from a fresh (same-seed) init they would differ by ~4e-3 (stage 1's two steps at the full lr)
-    assert max(float((final[k] - stage1[k]).abs().max()) for k in final) < 5e-4
-    sft2 = (work / "sft_cogvideox_5b_stage2.yaml").read_text()
-    assert "mode: finetune" in sft2 and f"load: {tdir}" in sft2 and "cache_latents:" in sft2
-    assert os.listdir(work / "latent_cache" / "latents")  # stage 2 encoded the clips into the cache
+    (run_dir,) = (work / "runs").iterdir()
+    ema = load_torch_file(str(run_dir / "3-ema" / "mp_rank_00_model_states.pt"))["module"]
+    raw = load_torch_file(str(run_dir / "3" / "mp_rank_00_model_states.pt"))["module"]
+    assert set(ema) == set(final) and all(torch.equal(final[k], ema[k]) for k in final)  # the EMA weights ship
+    assert any(not torch.equal(final[k], raw[k]) for k in final)
+    sft = (work / "sft_cogvideox_5b.yaml").read_text()
+    assert "mode: pretrain" in sft and "load: null" in sft and f"cache_latents: {work / 'latent_cache'}" in sft
+    entries = [f for _, _, files in os.walk(work / "latent_cache" / "latents") for f in files]
+    assert len(entries) == len(os.listdir(work / "dataset" / "videos"))  # every clip encoded once
     report = json.loads((out / "training.json").read_text())
     dit = report["cogvideox_5b"]
-    assert [c[0] for c in dit["curve"]] == [1, 2] and [c[0] for c in dit["stage2"]["curve"]] == [3, 4]
-    assert dit["iteration"] == 2 and dit["stage2"]["iteration"] == 4 and dit["stage2"]["seconds"] > 0
-    assert "--stage2-iters 2" in report["command"] and report["total_seconds"] > 0
+    assert [c[0] for c in dit["curve"]] == [1, 2, 3] and dit["iteration"] == 3 and dit["cache_seconds"] > 0
+    assert "--dit-iters 3" in report["command"] and report["total_seconds"] > 0
     readme = (out / "README.md").read_text()
     assert readme.startswith("# hand\nmeasured text\n<!-- curves:begin -->") and readme.endswith("-->\ntail\n")
-    assert "old table" not in readme and "| 4 | " in readme and "3-4: stage 2" in readme
+    assert "old table" not in readme and "| 3 | " in readme
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import train_demo_model
 
     (tmp_path / "fresh").mkdir()  # no README there: a minimal one, the command and the curves
     train_demo_model.write_readme(str(tmp_path / "fresh"), report, "cogvideox_5b")
     fresh = (tmp_path / "fresh" / "README.md").read_text()
-    assert report["command"] in fresh and fresh.count("<!-- curves:") == 2 and "| 4 | " in fresh
+    assert report["command"] in fresh and fresh.count("<!-- curves:") == 2 and "| 3 | " in fresh

@@ -13,20 +13,18 @@ cache):
    scale factor of the model configs is 1 / (the latents' standard deviation), as CogVideoX's 0.7;
 3. T5: the frozen tiny T5 folder (random weights, ``sat_cogvideo.tiny_t5``) at ``<output>/t5``, its tokenizer
    trained on the demo's captions;
-4. DiTs, stage 1: each model of ``--models`` trained from scratch for ``--dit-iters`` by
-   ``python -m sat_cogvideo.train_video`` (full SFT, SAT's loop, DeepSpeed, ``mode: pretrain`` without ``load``,
-   lr constant, clips VAE-encoded on the fly), then its last ``mp_rank_00_model_states.pt`` copied to
-   ``<output>/<model>/transformer/<iter>/`` with ``latest``; the model config is ``<output>/<model>.yaml``;
-5. DiTs, stage 2 (``--stage2-iters`` > 0): the same recipe (batch, lr, seed, data) in SAT's finetune mode with
-   ``load: <output>/<model>/transformer`` (stage 1's copy), ``--stage2-warmup-iters`` of warm-up and ``cache_latents:
-   <work>/latent_cache`` (clips encoded once), for ``--stage2-iters``; its last checkpoint replaces stage 1's copy,
-   tagged ``dit_iters + stage2_iters`` (the I2V DiT trains stage 2 on the fly: the cache refuses I2V);
-6. ``<output>/training.json``: the command, both stages' loss curves (stage 2's iterations continue stage 1's) and
-   timings; ``<output>/README.md``: only the block between ``<!-- curves:begin -->`` and ``<!-- curves:end -->``
-   is regenerated from it (the rest is written by hand; without a README or markers a minimal one is written).
-
-Stage 1 stays on the fly (as the committed stage 1 ran); on cached latents the loss is the same at micro-batch 1 and
-equal up to float rounding at batch 8 (the VAE encodes a batch at once).
+4. DiTs: each model of ``--models`` trained from scratch for ``--dit-iters`` by ``python -m
+   sat_cogvideo.train_video`` (full SFT, SAT's loop, DeepSpeed, ``mode: pretrain`` without ``load``, lr constant) on
+   ``cache_latents: <work>/latent_cache`` (each clip VAE-encoded and its caption T5-embedded once; the I2V DiT trains
+   on the fly: the cache refuses I2V), with ``save_ema`` (the optimizer's EMA of the weights, written as
+   ``<iter>-ema/``); the EMA weights of the last iteration are copied to ``<output>/<model>/transformer/<iter>/``
+   with ``latest`` (at a constant lr 0.002 the raw weights of neighbouring checkpoints differ in what they draw; the
+   EMA's decay (1 + k) / (10 + k), k counting optimizer steps, two per iteration here (ZeRO-2 steps the weight and
+   the no-decay groups apart), makes its time constant ~700 iterations at the end of 3200); the model config is
+   ``<output>/<model>.yaml``;
+5. ``<output>/training.json``: the command, the loss curves and timings; ``<output>/README.md``: only the block
+   between ``<!-- curves:begin -->`` and ``<!-- curves:end -->`` is regenerated from it (the rest is written by
+   hand; without a README or markers a minimal one is written).
 
 Ours: the original has no demo model.
 """
@@ -129,7 +127,7 @@ def sft_config(work: str, args, name: str):
     a.load = None
     a.train_iters = args.dit_iters
     a.save = os.path.join(work, "runs")
-    a.save_interval = min(args.dit_iters, 50)  # models to look at while it trains (and to use if a run is cut short)
+    a.save_interval = min(args.dit_iters, 200)  # models to look at while it trains (and to use if a run is cut short)
     a.log_interval = log_interval(args.dit_iters)
     a.eval_interval = 10 ** 9
     a.train_data = [os.path.join(work, "dataset")]
@@ -137,7 +135,12 @@ def sft_config(work: str, args, name: str):
     # constant: the checkpoint of iteration k is the model of a k-iteration run (a cut-short run stays a recipe)
     a.lr_decay_style = "constant"
     a.warmup = 0.0
-    a.num_workers = 1  # decode the next clips while the model computes
+    a.save_ema = True  # <iter>-ema/ beside each checkpoint: the weights the demo ships (sat_cogvideo.ema)
+    if "i2v" in name:  # latent_cache refuses image-to-video models (their first frame is noised in pixels)
+        a.num_workers = 1  # decode the next clips while the model computes
+    else:
+        a.cache_latents = os.path.join(work, "latent_cache")
+        a.num_workers = 0  # nothing to decode: the cache is read
     cfg.data.params.video_size = [world.SIZE, world.SIZE]
     cfg.data.params.fps = world.FPS
     cfg.data.params.max_num_frames = world.FRAMES
@@ -152,25 +155,6 @@ def sft_config(work: str, args, name: str):
 def log_interval(iters: int) -> int:
     """Every 10th iteration's loss (every one for a run of under 20 iterations: the tests' tiny runs)."""
     return max(1, min(10, iters // 10))
-
-
-def stage2_config(work: str, out: str, args, name: str):
-    """Stage 2: the same recipe (batch, lr, seed, data) in SAT's finetune mode from stage 1's DiT (``load``), with
-    ``--stage2-warmup-iters``, on latents cached in ``<work>/latent_cache``."""
-    cfg = sft_config(work, args, name)
-    a = cfg.args
-    a.experiment_name = f"{name}_stage2"  # its own run folder: SAT names runs by the minute
-    a.mode = "finetune"
-    a.load = os.path.join(out, name, "transformer")
-    a.train_iters = args.stage2_iters
-    a.save_interval = min(args.stage2_iters, 100)
-    a.log_interval = log_interval(args.stage2_iters)
-    # SAT's warmup is a fraction of train_iters (at most all of them)
-    a.warmup = min(args.stage2_warmup_iters, args.stage2_iters) / args.stage2_iters
-    a.num_workers = 0  # nothing to decode: the cache is read
-    if "i2v" not in name:  # latent_cache refuses image-to-video models (their first frame is noised in pixels)
-        a.cache_latents = os.path.join(work, "latent_cache")
-    return cfg
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -229,10 +213,10 @@ def vae_psnr(vae, clips: torch.Tensor) -> float:
 LOSS_RE = re.compile(r"iteration\s+(\d+)\s*/\s*\d+.*?loss[^0-9]*([0-9.]+E[+-]\d+|[0-9.]+)", re.IGNORECASE)
 
 
-def run_train_video(name: str, cfg, out: str, work: str, args, offset: int = 0) -> dict:
+def run_train_video(name: str, cfg, out: str, work: str, args) -> dict:
     """Run ``sat_cogvideo.train_video`` on ``<out>/<name>.yaml`` + ``cfg`` (log: ``<work>/train_<experiment>.log``).
-    Returns its loss curve (iterations shifted by ``offset``), its seconds and, with a latent cache, the seconds
-    until the cache was ready (the line ``prepare_cache`` prints)."""
+    Returns its loss curve, its seconds and, with a latent cache, the seconds until the cache was ready (the line
+    ``prepare_cache`` prints)."""
     from omegaconf import OmegaConf
 
     label = cfg.args.experiment_name
@@ -252,7 +236,7 @@ def run_train_video(name: str, cfg, out: str, work: str, args, offset: int = 0) 
                 result["cache_seconds"] = round(time.time() - t0, 1)
             m = LOSS_RE.search(line)
             if m:
-                it, loss = int(m.group(1)) + offset, float(m.group(2))
+                it, loss = int(m.group(1)), float(m.group(2))
                 result["curve"].append((it, loss))
                 print(f"{label} iteration {it}: loss {loss:.4f}", flush=True)
     if p.returncode:
@@ -262,35 +246,27 @@ def run_train_video(name: str, cfg, out: str, work: str, args, offset: int = 0) 
 
 
 def train_dit(name: str, out: str, work: str, args) -> dict:
-    """Stage 1: the DiT from scratch; stage 2 (``--stage2-iters`` > 0): SAT's finetune mode from stage 1's copy on
-    cached latents.  Each stage's last checkpoint is copied into ``out/name/transformer`` (stage 2's replaces stage
-    1's, tagged dit_iters + stage2_iters); returns stage 1's report with stage 2's under ``"stage2"``."""
-    runs = os.path.join(work, "runs")
+    """The DiT from scratch; the EMA weights of its last checkpoint are copied into ``out/name/transformer``.
+    Returns the run's report (curve, seconds, cache seconds, iteration)."""
     report = run_train_video(name, sft_config(work, args, name), out, work, args)
-    report["iteration"] = copy_final_checkpoint(runs, name, out, name)
-    if args.stage2_iters:
-        cfg = stage2_config(work, out, args, name)
-        stage2 = run_train_video(name, cfg, out, work, args, offset=report["iteration"])
-        stage2["iteration"] = copy_final_checkpoint(runs, cfg.args.experiment_name, out, name,
-                                                    offset=report["iteration"])
-        stage2.update(mode="finetune", warmup_iters=args.stage2_warmup_iters, cache_latents="cache_latents" in cfg.args)
-        report["stage2"] = stage2
+    report["iteration"] = copy_final_checkpoint(os.path.join(work, "runs"), name, out, name)
+    report["cache_latents"] = "i2v" not in name
     return report
 
 
-def copy_final_checkpoint(runs: str, prefix: str, out: str, name: str, offset: int = 0) -> int:
-    """The newest ``<runs>/<prefix>-*/<iter>/mp_rank_00_model_states.pt`` (its ``module`` only) ->
-    ``out/name/transformer/<offset + iter>/`` with ``latest``; other tags there are removed.  Returns the tag."""
+def copy_final_checkpoint(runs: str, prefix: str, out: str, name: str) -> int:
+    """The newest ``<runs>/<prefix>-*/<iter>-ema/mp_rank_00_model_states.pt`` (its ``module`` only) ->
+    ``out/name/transformer/<iter>/`` with ``latest``; other tags there are removed.  Returns the tag."""
     from sat_cogvideo.atomic import atomic_torch_save
     from sat_cogvideo.checkpoint import load_torch_file
 
     run = sorted(d for d in os.listdir(runs) if d.startswith(prefix + "-"))[-1]
     with open(os.path.join(runs, run, "latest")) as f:
         it = f.read().strip()
-    tag = str(int(it) + offset)
+    tag = str(int(it))
     target = os.path.join(out, name, "transformer")
     os.makedirs(os.path.join(target, tag), exist_ok=True)
-    state = load_torch_file(os.path.join(runs, run, it, "mp_rank_00_model_states.pt"), what="checkpoint")
+    state = load_torch_file(os.path.join(runs, run, f"{it}-ema", "mp_rank_00_model_states.pt"), what="checkpoint")
     atomic_torch_save({"module": state["module"]}, os.path.join(target, tag, "mp_rank_00_model_states.pt"))
     atomic_write_text(os.path.join(target, "latest"), tag + "\n")
     for old in os.listdir(target):
@@ -327,23 +303,14 @@ def _pick(curve, n: int):
 
 
 def curves_block(report: dict, name: str) -> str:
-    """The curves table of ``training.json``'s content: ten rows of the VAE's curve beside ten of the DiT's (stage
-    2's iterations continue stage 1's; with a stage 2 the last row of stage 1 is shown as well)."""
-    vae, dit = report.get("vae", {}), report.get(name, {})
-    stage2 = dit.get("stage2", {})
-    vrows = _pick(vae.get("curve", []), 10)
-    drows = _pick(list(dit.get("curve", [])) + list(stage2.get("curve", [])), 10)
-    if stage2 and dit.get("curve"):
-        drows = sorted(set(drows) | {tuple(dit["curve"][-1])})
+    """The curves table of ``training.json``'s content: ten rows of the VAE's curve beside ten of the DiT's."""
+    vrows = _pick(report.get("vae", {}).get("curve", []), 10)
+    drows = _pick(report.get(name, {}).get("curve", []), 10)
     lines = ["| VAE step | L1 (pixels in [-1, 1]) |   | DiT iteration | loss |", "|---:|---:|---|---:|---:|"]
     for i in range(max(len(vrows), len(drows))):
         v = f"{vrows[i][0]} | {vrows[i][1]:.4f}" if i < len(vrows) else " | "
         d = f"{drows[i][0]} | {drows[i][1]:.4f}" if i < len(drows) else " | "
         lines.append(f"| {v} |   | {d} |")
-    if stage2:
-        lines += ["", f"DiT iterations 1-{dit.get('iteration')}: stage 1 (from scratch); "
-                      f"{dit.get('iteration', 0) + 1}-{stage2['iteration']}: stage 2 (finetune mode"
-                      f"{', cached latents' if stage2.get('cache_latents') else ''})."]
     return "\n".join(lines) + "\n"
 
 
@@ -377,11 +344,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=3)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-3)
-    p.add_argument("--dit-iters", type=int, default=600, help="stage 1: DiT iterations from scratch")
-    p.add_argument("--stage2-iters", type=int, default=2600,
-                   help="stage 2: finetune-mode iterations from stage 1's DiT on cached latents (0: no stage 2)")
-    p.add_argument("--stage2-warmup-iters", type=int, default=60,
-                   help="stage 2's linear warm-up in iterations (the committed run: 0.02 of train_iters 3000)")
+    p.add_argument("--dit-iters", type=int, default=3200, help="DiT iterations from scratch")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -463,11 +426,8 @@ def write_configs(out: str, models, scale_factor: float) -> None:
 
 
 def check_args(args) -> None:
-    if args.dit_iters < 1 or args.stage2_iters < 0:
-        raise UserError(f"--dit-iters {args.dit_iters} / --stage2-iters {args.stage2_iters}: stage 1 needs at least "
-                        "one iteration and stage 2 none or more; pass counts >= 1 and >= 0")
-    if args.stage2_warmup_iters < 0:
-        raise UserError(f"--stage2-warmup-iters {args.stage2_warmup_iters}: pass 0 or more iterations")
+    if args.dit_iters < 1:
+        raise UserError(f"--dit-iters {args.dit_iters}: the DiT needs at least one iteration; pass a count >= 1")
 
 
 @run_cli
