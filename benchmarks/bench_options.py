@@ -224,7 +224,8 @@ def psnr_ssim(video, ref):
     and diffusers' ``output_type="pt"`` give), compared as 8-bit frames."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    a, b = ((v.detach().float().clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy() for v in (video, ref))  # [F, H, W, 3]
+    # [F, H, W, 3] in 0..255
+    a, b = ((v.detach().float().clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy() for v in (video, ref))
     psnr = peak_signal_noise_ratio(b, a, data_range=255)
     ssim = statistics.mean(structural_similarity(b[t], a[t], channel_axis=-1, data_range=255)
                            for t in range(a.shape[0]))

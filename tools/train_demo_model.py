@@ -248,9 +248,10 @@ def run_train_video(name: str, cfg, out: str, work: str, args) -> dict:
 def train_dit(name: str, out: str, work: str, args) -> dict:
     """The DiT from scratch; the EMA weights of its last checkpoint are copied into ``out/name/transformer``.
     Returns the run's report (curve, seconds, cache seconds, iteration)."""
-    report = run_train_video(name, sft_config(work, args, name), out, work, args)
+    cfg = sft_config(work, args, name)
+    report = run_train_video(name, cfg, out, work, args)
     report["iteration"] = copy_final_checkpoint(os.path.join(work, "runs"), name, out, name)
-    report["cache_latents"] = "i2v" not in name
+    report["cache_latents"] = bool(cfg.args.get("cache_latents"))
     return report
 
 

@@ -138,7 +138,8 @@ class StepCache:
             out = call(hidden, *args)
         else:
             out = call(hidden, *args)
-            # the video tokens only: diffusers' blocks keep the text apart (encoder_hidden_states) and measure hidden_states
+            # the video tokens only: diffusers' blocks keep the text apart (encoder_hidden_states) and measure
+            # hidden_states
             first_residual = (out - hidden)[:, text_length:]
             prev, self._prev = self._prev, first_residual
             if (prev is not None and prev.shape == first_residual.shape and self._residual_fits(out)
