@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_transformer import network_params, peak_growth_mb  # noqa: E402
+from bench_transformer import add_dit_args, network_params, peak_growth_mb  # noqa: E402
 
 
 def rel_err(a, b) -> float:
@@ -59,7 +59,8 @@ def _models(args, dtype=torch.float32):
     from sat_cogvideo.dit_video_concat import DiffusionTransformer
 
     torch.manual_seed(0)
-    params = network_params(args.hidden, args.layers, args.heads, args.frames, args.height, args.width, 226)
+    params = network_params(args.hidden, args.layers, args.heads, args.frames, args.height, args.width,
+                            args.text_length)
     if dtype == torch.bfloat16:
         params["dtype"] = "bf16"
     ours = DiffusionTransformer(**params).eval().to(dtype)
@@ -74,7 +75,7 @@ def _inputs(args, dtype):
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, args.frames, 16, args.height, args.width, generator=g).to(dtype)
-    ctx = torch.randn(1, 226, 4096, generator=g).to(dtype)
+    ctx = torch.randn(1, args.text_length, 4096, generator=g).to(dtype)
     gh, gw = args.height // 2, args.width // 2
     rope = get_3d_rotary_pos_embed(args.hidden // args.heads, ((0, 0), (gh, gw)), (gh, gw), args.frames)
     return x, ctx, torch.tensor([500.0]), rope
@@ -314,13 +315,7 @@ def fbcache_rows(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=13)
-    ap.add_argument("--height", type=int, default=16)
-    ap.add_argument("--width", type=int, default=24)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_dit_args(ap, repeats=3)
     ap.add_argument("--model", default=None, help="a SAT model folder (YAMLs + checkpoint) for the quality rows")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt", default="a red circle moving to the left")
@@ -336,7 +331,7 @@ def main(argv=None):
 
     init_distributed(device="cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DiT hidden {args.hidden}, {args.layers} "
-          f"layers, latents {args.frames}x{args.height}x{args.width}, 226 text tokens")
+          f"layers, latents {args.frames}x{args.height}x{args.width}, {args.text_length} text tokens")
     if "exact" in args.sections:
         dit_exact_rows(args)
     if "lowbit" in args.sections:

@@ -79,8 +79,8 @@ def make_matmul(n=2048):
     return (lambda: torch.matmul(a, b)), 2 * n ** 3
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_dit_args(ap, repeats: int) -> None:
+    """The mid-size DiT's sizes and the repeat count (this benchmark's and bench_options.py's DiT rows)."""
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
@@ -88,7 +88,12 @@ def main(argv=None):
     ap.add_argument("--height", type=int, default=16)
     ap.add_argument("--width", type=int, default=24)
     ap.add_argument("--text-length", type=int, default=226)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=repeats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dit_args(ap, repeats=5)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); with 1 the CPU-time figures are robust to other load")
     args = ap.parse_args(argv)
