@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_transformer import add_dit_args, network_params, peak_growth_mb  # noqa: E402
+from bench_transformer import add_dit_args, dit_inputs, dit_pair, dit_runners, peak_growth_mb  # noqa: E402
 
 
 def rel_err(a, b) -> float:
@@ -52,47 +52,6 @@ def timed(fn, repeats):
 # ---------------------------------------------------------------------------------------------- DiT section
 
 
-def _models(args, dtype=torch.float32):
-    from diffusers import CogVideoXTransformer3DModel
-
-    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
-    from sat_cogvideo.dit_video_concat import DiffusionTransformer
-
-    torch.manual_seed(0)
-    params = network_params(args.hidden, args.layers, args.heads, args.frames, args.height, args.width,
-                            args.text_length)
-    if dtype == torch.bfloat16:
-        params["dtype"] = "bf16"
-    ours = DiffusionTransformer(**params).eval().to(dtype)
-    theirs = CogVideoXTransformer3DModel(**diffusers_transformer_config(params)).eval()
-    theirs.norm_out.norm.eps = 1e-6
-    theirs.load_state_dict(sat_to_diffusers_transformer(ours.state_dict(), learned_positional_embeddings=False))
-    return ours, theirs.to(dtype)
-
-
-def _inputs(args, dtype):
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, args.frames, 16, args.height, args.width, generator=g).to(dtype)
-    ctx = torch.randn(1, args.text_length, 4096, generator=g).to(dtype)
-    gh, gw = args.height // 2, args.width // 2
-    rope = get_3d_rotary_pos_embed(args.hidden // args.heads, ((0, 0), (gh, gw)), (gh, gw), args.frames)
-    return x, ctx, torch.tensor([500.0]), rope
-
-
-def _runners(ours, theirs, x, ctx, ts, rope):
-    def run_ours():
-        with torch.no_grad():
-            return ours(x, ts, ctx)
-
-    def run_theirs():
-        with torch.no_grad():
-            return theirs(x, ctx, ts, image_rotary_emb=rope, return_dict=False)[0]
-
-    return run_ours, run_theirs
-
-
 def row(name, t, base_t, mem, err, extra=""):
     print(f"| {name} | {t * 1e3:.0f} ms | {t / base_t:.2f} | {mem:.0f} MB | {err:.1e} | {extra} |", flush=True)
 
@@ -103,9 +62,9 @@ def dit_exact_rows(args):
     from sat_cogvideo.accel.layer_hooks import unwrap_all
     from sat_cogvideo.accel.offload import apply_dit_offload
 
-    ours, theirs = _models(args)
-    x, ctx, ts, rope = _inputs(args, torch.float32)
-    run_ours, run_theirs = _runners(ours, theirs, x, ctx, ts, rope)
+    ours, theirs = dit_pair(args)
+    x, ctx, ts, rope = dit_inputs(args, torch.float32)
+    run_ours, run_theirs = dit_runners(ours, theirs, x, ctx, ts, rope)
     t_d, ref_d = timed(run_theirs, args.repeats)
     t_o, ref = timed(run_ours, args.repeats)
     print("| row (DiT forward, fp32) | time | / diffusers eager | peak growth | max rel err vs plain | notes |")
@@ -129,14 +88,14 @@ def dit_exact_rows(args):
     row("diffusers per-block torch.compile", t_dc, t_d, peak_growth_mb(run_theirs), rel_err(out_d, ref),
         f"first call {t_dc_first:.0f}s")
     for mode in ("group", "sequential"):
-        o2, _ = _models(args)
+        o2, _ = dit_pair(args)
         apply_dit_offload(o2, "cpu", mode)
-        r2, _ = _runners(o2, theirs, x, ctx, ts, rope)
+        r2, _ = dit_runners(o2, theirs, x, ctx, ts, rope)
         t, out = timed(r2, args.repeats)
         row(f"ours --offload {mode} (CPU->CPU)", t, t_d, peak_growth_mb(r2), rel_err(out, ref), "hooks' overhead")
-    _, th2 = _models(args)
+    _, th2 = dit_pair(args)
     th2.enable_group_offload(torch.device("cpu"), offload_type="leaf_level")
-    _, r2 = _runners(ours, th2, x, ctx, ts, rope)
+    _, r2 = dit_runners(ours, th2, x, ctx, ts, rope)
     t, out = timed(r2, args.repeats)
     row("diffusers group offload leaf (CPU->CPU)", t, t_d, peak_growth_mb(r2), rel_err(out, ref), "hooks' overhead")
     return t_o / t_d, t_c / t_d
@@ -148,9 +107,9 @@ def dit_lowbit_rows(args):
 
     from sat_cogvideo.accel.lowbit import apply_weights_dtype, weight_bytes
 
-    x, ctx, ts, rope = _inputs(args, torch.bfloat16)
-    ours, theirs = _models(args, torch.bfloat16)
-    run_ours, run_theirs = _runners(ours, theirs, x, ctx, ts, rope)
+    x, ctx, ts, rope = dit_inputs(args, torch.bfloat16)
+    ours, theirs = dit_pair(args, torch.bfloat16)
+    run_ours, run_theirs = dit_runners(ours, theirs, x, ctx, ts, rope)
     t_b, ref = timed(run_ours, args.repeats)
     t_db, ref_d = timed(run_theirs, args.repeats)
     b_ours, b_theirs = weight_bytes(ours), weight_bytes(theirs)
@@ -160,13 +119,13 @@ def dit_lowbit_rows(args):
     print(f"| diffusers bf16 | {t_db * 1e3:.0f} ms | {t_db / t_b:.2f} | 1.00 | {rel_err(ref_d, ref):.1e} |")
     ratios = {}
     for kind in ("fp8", "int8"):
-        o2, th2 = _models(args, torch.bfloat16)
+        o2, th2 = dit_pair(args, torch.bfloat16)
         apply_weights_dtype(o2, kind, compute_dtype=torch.bfloat16)
         if kind == "fp8":
             th2.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
         else:
             quantize_(th2, Int8WeightOnlyConfig())
-        r_o, r_d = _runners(o2, th2, x, ctx, ts, rope)
+        r_o, r_d = dit_runners(o2, th2, x, ctx, ts, rope)
         t, out = timed(r_o, args.repeats)
         ratios[kind] = weight_bytes(o2) / b_ours
         print(f"| ours --weights-dtype {kind} | {t * 1e3:.0f} ms | {t / t_b:.2f} | {ratios[kind]:.3f} | "

@@ -91,6 +91,50 @@ def add_dit_args(ap, repeats: int) -> None:
     ap.add_argument("--repeats", type=int, default=repeats)
 
 
+def dit_pair(args, dtype=torch.float32):
+    """Our mid-size DiffusionTransformer (seed 0) and diffusers' CogVideoXTransformer3DModel holding its weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
+    from sat_cogvideo.dit_video_concat import DiffusionTransformer
+
+    torch.manual_seed(0)
+    params = network_params(args.hidden, args.layers, args.heads, args.frames, args.height, args.width,
+                            args.text_length)
+    if dtype == torch.bfloat16:
+        params["dtype"] = "bf16"
+    ours = DiffusionTransformer(**params).eval().to(dtype)
+    theirs = CogVideoXTransformer3DModel(**diffusers_transformer_config(params)).eval()
+    theirs.norm_out.norm.eps = 1e-6
+    theirs.load_state_dict(sat_to_diffusers_transformer(ours.state_dict(), learned_positional_embeddings=False))
+    return ours, theirs.to(dtype)
+
+
+def dit_inputs(args, dtype=torch.float32):
+    """Latents, text context, timestep and diffusers' RoPE table of one forward (seeded)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, args.frames, 16, args.height, args.width, generator=g).to(dtype)
+    ctx = torch.randn(1, args.text_length, 4096, generator=g).to(dtype)
+    gh, gw = args.height // 2, args.width // 2
+    rope = get_3d_rotary_pos_embed(args.hidden // args.heads, ((0, 0), (gh, gw)), (gh, gw), args.frames)
+    return x, ctx, torch.tensor([500.0]), rope
+
+
+def dit_runners(ours, theirs, x, ctx, ts, rope):
+    """One forward of each model, without gradients."""
+    def run_ours():
+        with torch.no_grad():
+            return ours(x, ts, ctx)
+
+    def run_theirs():
+        with torch.no_grad():
+            return theirs(x, ctx, ts, image_rotary_emb=rope, return_dict=False)[0]
+
+    return run_ours, run_theirs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_dit_args(ap, repeats=5)
@@ -100,36 +144,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers import CogVideoXTransformer3DModel
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    from sat_cogvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer
     from sat_cogvideo.distributed import init_distributed
-    from sat_cogvideo.dit_video_concat import DiffusionTransformer
 
     init_distributed(device="cpu")
-    torch.manual_seed(0)
-    params = network_params(args.hidden, args.layers, args.heads, args.frames, args.height, args.width,
-                            args.text_length)
-    ours = DiffusionTransformer(**params).eval()
-    conf = diffusers_transformer_config(params)
-    theirs = CogVideoXTransformer3DModel(**conf).eval()
-    theirs.norm_out.norm.eps = 1e-6
-    theirs.load_state_dict(sat_to_diffusers_transformer(ours.state_dict(), learned_positional_embeddings=False))
-
-    x = torch.randn(1, args.frames, 16, args.height, args.width)
-    ctx = torch.randn(1, args.text_length, 4096)
-    ts = torch.tensor([500.0])
-    gh, gw = args.height // 2, args.width // 2
-    rope = get_3d_rotary_pos_embed(args.hidden // args.heads, ((0, 0), (gh, gw)), (gh, gw), args.frames)
-
-    def run_ours():
-        with torch.no_grad():
-            return ours(x, ts, ctx)
-
-    def run_theirs():
-        with torch.no_grad():
-            return theirs(x, ctx, ts, image_rotary_emb=rope, return_dict=False)[0]
+    ours, theirs = dit_pair(args)
+    run_ours, run_theirs = dit_runners(ours, theirs, *dit_inputs(args))
 
     err = float((run_ours() - run_theirs()).abs().max() / run_theirs().abs().max())
     run_matmul, matmul_flops = make_matmul()
@@ -150,7 +169,7 @@ def main(argv=None):
     mem2 = {"ours": peak_growth_mb(run_ours), "diffusers": peak_growth_mb(run_theirs)}
     mem = {k: min(mem[k], mem2[k]) for k in mem}
 
-    image_tokens = args.frames * gh * gw
+    image_tokens = args.frames * (args.height // 2) * (args.width // 2)
     seq = image_tokens + args.text_length
     flops = forward_flops(args.hidden, args.layers, seq, args.text_length, image_tokens)
     ours_gflops = flops / med["ours"] / 1e9
